@@ -1,0 +1,7 @@
+"""Entry point for ``python -m jaxlstm``."""
+
+import sys
+
+from jaxlstm.cli import main
+
+sys.exit(main())

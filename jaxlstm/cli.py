@@ -1,0 +1,349 @@
+"""The `jaxlstm` command line: `jaxlstm train` and `jaxlstm sample`.
+
+This is the only module that reads command-line arguments. Examples:
+
+    jaxlstm train --preset char --text input.txt --steps 2000
+    jaxlstm sample runs/char --prime "thou art more" --num 60
+"""
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from jaxlstm import __version__
+from jaxlstm.config import LESSON_PRIMES, PRESETS, override
+from jaxlstm.errors import JaxlstmError
+
+logger = logging.getLogger("jaxlstm")
+
+
+def _number(kind, minimum: float | None, strict: bool):
+    """Return an argparse type that parses `kind` and checks a lower bound."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, "
+                f"got {text!r}"
+            ) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number, got {text!r}"
+            )
+        if minimum is not None and (
+            value <= minimum if strict else value < minimum
+        ):
+            bound = "greater than" if strict else "at least"
+            raise argparse.ArgumentTypeError(
+                f"expected a value {bound} {minimum:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+positive_float = _number(float, 0.0, strict=True)
+count = _number(int, 0, strict=False)
+
+
+def fraction(text: str) -> float:
+    """Parse a number strictly between 0 and 1."""
+    value = _number(float, None, strict=False)(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction between 0 and 1 (exclusive), got {text!r}"
+        )
+    return value
+
+
+def temperature(text: str) -> float:
+    """Parse a temperature: a finite number of 0 or more."""
+    return _number(float, 0.0, strict=False)(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of both subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="jaxlstm",
+        description="Train LSTM language models in JAX and generate text.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every interval"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model and write a run folder",
+        description="Train a word or character LSTM language model.",
+    )
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="char",
+        help="the lesson's settings to start from (default: char)",
+    )
+    source = train.add_argument_group("corpus")
+    source.add_argument(
+        "--text",
+        metavar="FILE",
+        help="train on this UTF-8 text file instead of the default corpus "
+        "(Project Gutenberg's Complete Works of Shakespeare, downloaded once)",
+    )
+    source.add_argument(
+        "--url",
+        help="download the corpus from this URL instead (a plain UTF-8 "
+        "text; Project Gutenberg licence lines are cut off)",
+    )
+    source.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="encoding of --text (default: utf-8)",
+    )
+    source.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="folder for the downloaded corpus (default: $JAXLSTM_CACHE_DIR,"
+        " else the user cache folder)",
+    )
+    source.add_argument(
+        "--clean",
+        choices=("lesson", "none"),
+        help="'lesson': lower case, punctuation except - and ' removed, "
+        "whitespace collapsed; 'none': the text as it is",
+    )
+    source.add_argument(
+        "--min-count",
+        type=count,
+        help="keep tokens seen more than this many times (word preset: 5)",
+    )
+    source.add_argument(
+        "--val-fraction",
+        type=fraction,
+        help="fraction at the end of the text held out (default: 0.1)",
+    )
+    model = train.add_argument_group("model")
+    model.add_argument("--embedding", type=positive_int, help="embedding size")
+    model.add_argument("--hidden", type=positive_int, help="LSTM width")
+    model.add_argument("--layers", type=positive_int, help="LSTM layers")
+    opt = train.add_argument_group("training")
+    opt.add_argument(
+        "--batch-size", type=positive_int, help="stream rows per batch"
+    )
+    opt.add_argument(
+        "--seq-len", type=positive_int, help="tokens per training window"
+    )
+    opt.add_argument("--lr", type=positive_float, help="Adam learning rate")
+    opt.add_argument(
+        "--clip", type=positive_float, help="maximum global gradient norm"
+    )
+    opt.add_argument(
+        "--epochs", type=positive_int, help="passes over the training text"
+    )
+    opt.add_argument(
+        "--steps",
+        type=positive_int,
+        help="total optimiser steps (overrides --epochs)",
+    )
+    opt.add_argument(
+        "--eval-every",
+        type=positive_int,
+        help="steps between validation passes and samples (default: 200)",
+    )
+    opt.add_argument(
+        "--save-every",
+        type=positive_int,
+        help="steps between checkpoints (default: 500)",
+    )
+    opt.add_argument(
+        "--log-every",
+        type=positive_int,
+        help="steps between loss reports (default: 10)",
+    )
+    opt.add_argument("--seed", type=count, help="random seed (default: 0)")
+    train.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run folder to write (default: runs/PRESET)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out",
+    )
+    train.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar"
+    )
+
+    sample = commands.add_parser(
+        "sample",
+        help="continue prime texts with a trained run",
+        description="Continue prime texts with a trained model.",
+    )
+    sample.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a train --out folder"
+    )
+    sample.add_argument(
+        "--prime",
+        action="append",
+        help="prime text; repeat for several (default: the lesson's three)",
+    )
+    sample.add_argument(
+        "--num",
+        type=count,
+        default=None,
+        help="tokens to generate after each prime (default: the run's "
+        "sample length)",
+    )
+    sample.add_argument(
+        "--temperature",
+        type=temperature,
+        default=0.0,
+        help="softmax temperature; 0 picks the most likely token (default)",
+    )
+    sample.add_argument(
+        "--top-k",
+        type=count,
+        default=0,
+        help="sample among the K most likely tokens; 0 keeps all (default)",
+    )
+    sample.add_argument("--seed", type=count, default=0, help="random seed")
+    sample.add_argument(
+        "--step", type=positive_int, help="checkpoint step (default: newest)"
+    )
+    return parser
+
+
+class _CliHandler(logging.StreamHandler):
+    """The handler `main` installs; replaced on each call of `main`."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _CliHandler)]:
+        root.removeHandler(old)  # bound to an earlier call's stderr
+    handler = _CliHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    )
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train as `args` asks and print a summary."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from jaxlstm.data import load_text
+    from jaxlstm.train import train
+
+    config = override(
+        PRESETS[args.preset],
+        clean=args.clean,
+        min_count=args.min_count,
+        val_fraction=args.val_fraction,
+        embedding=args.embedding,
+        hidden=args.hidden,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        clip=args.clip,
+        epochs=args.epochs,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        seed=args.seed,
+    )
+    text = load_text(args.text, args.encoding, args.cache_dir, args.url)
+    out = args.out or f"runs/{args.preset}"
+
+    bar = None
+
+    def progress(step: int, total: int, values: dict[str, float]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+        bar.update(step - bar.n)
+        bar.set_postfix(
+            loss=f"{values['loss']:.3f}",
+            tok_s=f"{values['tokens_per_sec']:.0f}",
+        )
+
+    with contextlib.ExitStack() as stack:
+        if not args.no_progress:
+            stack.enter_context(logging_redirect_tqdm())
+        summary = train(
+            config,
+            text,
+            out,
+            overwrite=args.overwrite,
+            progress=None if args.no_progress else progress,
+        )
+        if bar is not None:
+            bar.close()
+    print(f"run folder: {out}")
+    print(
+        f"steps: {summary.steps}, time: {summary.seconds:.0f} s, "
+        f"final training loss: {summary.train_loss:.4f}"
+    )
+    print(
+        f"validation loss: {summary.val_loss:.4f} nats per token "
+        f"(perplexity {summary.val_perplexity:.2f}; unigram baseline "
+        f"{summary.unigram_loss:.4f})"
+    )
+    for sample in summary.samples:
+        print(f"  {sample}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Print a continuation of each prime."""
+    from jaxlstm.checkpoint import load_run
+    from jaxlstm.sampling import SampleSettings, check_settings, generate_text
+
+    settings = SampleSettings(args.temperature, args.top_k, args.seed)
+    check_settings(settings)
+    run = load_run(args.run_dir, args.step)
+    num = args.num if args.num is not None else run.config.train.sample_tokens
+    primes = args.prime or list(LESSON_PRIMES)
+    texts = generate_text(
+        run.model,
+        run.params,
+        run.vocab,
+        run.config.data.clean,
+        primes,
+        num,
+        settings,
+    )
+    for text in texts:
+        print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"train": run_train, "sample": run_sample}
+    try:
+        return handlers[args.command](args)
+    except JaxlstmError as error:
+        print(f"jaxlstm: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxlstm: interrupted", file=sys.stderr)
+        return 130
