@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run.
 
-A run folder holds `config.json`, `vocab.json` and `checkpoints/<step>/`,
+A run folder contains `config.json`, `vocab.json` and `checkpoints/<step>/`,
 one Orbax checkpoint per saved step with the items `params`, `opt_state`,
 `training` (step and carried LSTM state) and `meta` (JSON: step, epoch,
 window). Loading never unpickles anything.
@@ -73,7 +73,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
       step: the checkpoint step to load; None loads the newest.
 
     Raises:
-      InputError: if the folder holds no trained run, or not that step.
+      InputError: if the folder contains no trained run, or not that step.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
         )
     if not (config_path.is_file() and vocab_path.is_file()):
         raise InputError(
-            f"{str(run_dir)!r} holds no trained run: {CONFIG_FILE} or "
+            f"{str(run_dir)!r} contains no trained run: {CONFIG_FILE} or "
             f"{VOCAB_FILE} is missing; pass the --out folder of a "
             "`jaxlstm train` run"
         )
@@ -94,15 +94,15 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
     vocab = Vocab.from_json(vocab_path.read_text("utf-8"), str(vocab_path))
     if not ckpt_dir.is_dir():
         raise InputError(
-            f"{str(run_dir)!r} holds no checkpoint yet; train until the first "
-            "save (--save-every) or to the end"
+            f"{str(run_dir)!r} contains no checkpoint yet; train until the "
+            "first save (--save-every) or to the end"
         )
     with open_manager(run_dir) as manager:
         steps = manager.all_steps()
         if not steps:
             raise InputError(
-                f"{str(run_dir)!r} holds no complete checkpoint; train until "
-                "the first save (--save-every) or to the end"
+                f"{str(run_dir)!r} contains no complete checkpoint; train "
+                "until the first save (--save-every) or to the end"
             )
         if step is None:
             step = max(steps)

@@ -241,7 +241,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train as `args` asks and print a summary."""
+    """Train with the settings in `args` and print a summary."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -21,7 +21,7 @@ LESSON_PRIMES = ("thou art more", "to be or not to", "wherefore art thou")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """How the corpus is cleaned, tokenised and split."""
+    """Settings of corpus cleaning, tokenisation and the validation split."""
 
     level: Literal["word", "char"] = "word"
     # "lesson": lower case, punctuation except - and ' removed, whitespace

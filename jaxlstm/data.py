@@ -101,7 +101,7 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
     text = normalize_newlines(text)
     if not text.strip():
         raise InputError(
-            f"text file {str(path)!r} is empty; pass a file that holds text"
+            f"text file {str(path)!r} is empty; pass a file that contains text"
         )
     return text
 
@@ -270,7 +270,7 @@ def prepare_corpus(
     tokens = tokenize(clean_text(strip_gutenberg(text), clean), level)
     if len(tokens) < 4:
         raise InputError(
-            f"the text holds {len(tokens)} tokens after cleaning; a corpus "
+            f"the text has {len(tokens)} tokens after cleaning; a corpus "
             "needs many thousands of tokens to train on"
         )
     n_val = int(round(len(tokens) * val_fraction))

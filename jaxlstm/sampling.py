@@ -1,9 +1,9 @@
 """Text generation: a jitted loop that feeds each chosen token back in.
 
 The prime texts of a call are padded to one length and run through the model
-one token at a time, each row keeping its state only up to its own last
-prime token; then `num` tokens are chosen and fed back, all inside one
-compiled `jax.lax.scan`. Prime lengths and token counts are rounded up to
+one token at a time. Each row keeps its state only up to its own last prime
+token. Then `num` tokens are chosen and fed back, all inside one compiled
+`jax.lax.scan`. Prime lengths and token counts are rounded up to
 powers of two (`bucket`), so a new prime length reuses the compiled loop.
 """
 
@@ -32,7 +32,7 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 class SampleSettings(NamedTuple):
-    """How a token is chosen from the logits."""
+    """Settings of the choice of each token from the logits."""
 
     temperature: float = 0.0  # 0 picks the most likely token (greedy)
     top_k: int = 0  # sample among the k most likely tokens; 0 means all

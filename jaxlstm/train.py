@@ -97,7 +97,7 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     existing = run_dir / checkpoint.CONFIG_FILE
     if existing.exists() and not overwrite:
         raise InputError(
-            f"{str(run_dir)!r} already holds a run; pass --overwrite to "
+            f"{str(run_dir)!r} already contains a run; pass --overwrite to "
             "replace it, or another --out folder"
         )
     if overwrite:
@@ -116,12 +116,16 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise TrainingError(
-            f"the training loss became {loss} at step {step}; nothing from "
-            "this step was saved. Try a lower --lr or --clip"
-        )
+def _check_finite(loss: float, grad_norm: float, step: int) -> None:
+    # A finite loss with non-finite gradients would still put NaN into the
+    # parameters, so both are checked before anything is saved.
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the training {name} became {value} at step {step}; no "
+                "checkpoint from this step on was saved. Try a lower --lr "
+                "or --clip"
+            )
 
 
 def train(
@@ -194,10 +198,11 @@ def train(
         # Reading the losses back waits for the device, so it happens once
         # per interval rather than after every step.
         nonlocal mark
-        losses = jax.device_get([m["loss"] for _, m in pending])
-        for (s, _), loss in zip(pending, losses, strict=True):
-            _check_finite(float(loss), s)
-            write({"step": s, "train_loss": float(loss)})
+        values = jax.device_get([m for _, m in pending])
+        losses = [float(m["loss"]) for m in values]
+        for (s, _), m in zip(pending, values, strict=True):
+            _check_finite(float(m["loss"]), float(m["grad_norm"]), s)
+            write({"step": s, "train_loss": float(m["loss"])})
         now = time.perf_counter()
         speed = len(pending) * tokens_per_step / max(now - mark, 1e-9)
         last["train_loss"] = float(np.mean(losses))

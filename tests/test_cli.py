@@ -1,12 +1,16 @@
 """End-to-end runs of the command line and its handling of bad input."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from jaxlstm.checkpoint import load_run
 from jaxlstm.cli import main
 
 # Small enough to train in seconds, big enough for several windows.
@@ -224,7 +228,7 @@ def test_offline_without_cache_suggests_text(capsys, tmp_path):
 
 def test_sample_on_non_run_folder(capsys, tmp_path):
     line = one_line_error(capsys, ["sample", str(tmp_path)])
-    assert "holds no trained run" in line
+    assert "contains no trained run" in line
 
 
 def test_sample_empty_prime(char_run, capsys):
@@ -238,3 +242,19 @@ def test_sample_bad_temperature(char_run, capsys, value):
         capsys, ["sample", str(char_run), "--temperature", value]
     )
     assert "--temperature" in line
+
+
+def test_nonfinite_loss_stops_without_checkpoint(shakespeare, tmp_path, capsys):
+    out = tmp_path / "diverged"
+    argv = ["train", "--preset", "char", "--text", str(shakespeare), *TINY]
+    argv += ["--lr", "1e30", "--steps", "30"]
+    argv += ["--save-every", "1", "--out", str(out)]
+    line = one_line_error(capsys, argv)
+    match = re.search(r"became nan at step (\d+)", line)
+    assert match, line
+    failed_at = int(match.group(1))
+    saved = [int(p.name) for p in (out / "checkpoints").glob("[0-9]*")]
+    assert all(step < failed_at for step in saved)
+    for step in saved:
+        params = load_run(out, step).params
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
