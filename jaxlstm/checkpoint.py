@@ -1,9 +1,16 @@
 """Orbax checkpoints of a training run.
 
 A run folder contains `config.json`, `vocab.json` and `checkpoints/<step>/`,
-one Orbax checkpoint per saved step with the items `params`, `opt_state`,
-`training` (step and carried LSTM state) and `meta` (JSON: step, epoch,
-window). Loading never unpickles anything.
+one Orbax checkpoint per saved step with four items: `params`, `opt_state`,
+`training` (the optimiser step, the carried LSTM state of every batch row and
+the PRNG key) and `meta` (JSON: format, step, epoch, window). Together with
+the config and the text, that is everything needed to continue a run
+exactly. Loading never unpickles anything, and files other than these are
+ignored.
+
+Orbax writes each step into a temporary folder and renames it when complete,
+so a save cut short (by SIGKILL or a full disk) never looks like a
+checkpoint; `all_steps` lists complete ones only.
 """
 
 import logging
@@ -13,21 +20,25 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlstm.config import Config
+from jaxlstm.config import CONFIG_FILE, Config
 from jaxlstm.data import Vocab
 from jaxlstm.errors import InputError
 from jaxlstm.model import LanguageModel, build_model, init_params
 
 logger = logging.getLogger(__name__)
 
+# Raised whenever the checkpoint layout changes in a way older code cannot
+# read.
+CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 
 
 def open_manager(run_dir: str | Path, keep: int = 3) -> ocp.CheckpointManager:
     """Open the checkpoint manager of a run folder; use it as a context."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    )
     path = (Path(run_dir) / CHECKPOINT_DIR).absolute()
     return ocp.CheckpointManager(path, options=options)
 
@@ -40,18 +51,71 @@ def save(
     training: Any,
     meta: dict,
 ) -> None:
-    """Start an asynchronous save of one step; `manager.wait_until_finished`
-    completes it."""
+    """Start an asynchronous save of one step.
+
+    `manager.wait_until_finished` completes it and raises its error, if any.
+    """
     manager.save(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             training=ocp.args.StandardSave(training),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({"format": CHECKPOINT_FORMAT, **meta}),
         ),
         force=True,
     )
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    params: Any,
+    opt_state: Any,
+    training: Any,
+) -> tuple[Any, Any, Any, dict]:
+    """Restore one step against abstract targets of the same structure.
+
+    Args:
+      manager: the run's checkpoint manager.
+      step: a step listed by `manager.all_steps()`.
+      params, opt_state, training: trees of `jax.ShapeDtypeStruct` (or
+        arrays) from a fresh initialisation, giving structure and shapes.
+
+    Returns:
+      The restored params, opt_state, training tree and meta dict.
+
+    Raises:
+      InputError: if the checkpoint was written by a newer format.
+    """
+    meta = manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )["meta"]
+    check_format(meta, manager.directory / str(step))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            opt_state=ocp.args.StandardRestore(opt_state),
+            training=ocp.args.StandardRestore(training),
+        ),
+    )
+    return (
+        restored["params"],
+        restored["opt_state"],
+        restored["training"],
+        meta,
+    )
+
+
+def check_format(meta: Any, where: Any) -> None:
+    """Raise `InputError` unless `meta` is from a readable checkpoint."""
+    version = meta.get("format") if isinstance(meta, dict) else None
+    if version != CHECKPOINT_FORMAT:
+        raise InputError(
+            f"checkpoint {where} has format {version!r} but this jaxlstm "
+            f"reads format {CHECKPOINT_FORMAT}; upgrade jaxlstm to read it"
+        )
 
 
 class TrainedRun:
@@ -115,6 +179,10 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
         abstract = jax.eval_shape(
             lambda key: init_params(model, key), jax.random.key(0)
         )
+        meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        check_format(meta, manager.directory / str(step))
         restored = manager.restore(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)),

@@ -12,10 +12,11 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from jaxlstm import __version__
-from jaxlstm.config import LESSON_PRIMES, PRESETS, override
-from jaxlstm.errors import JaxlstmError
+from jaxlstm.config import CONFIG_FILE, LESSON_PRIMES, PRESETS, Config, override
+from jaxlstm.errors import JaxlstmError, TrainingStopped
 
 logger = logging.getLogger("jaxlstm")
 
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="char",
-        help="the lesson's settings to start from (default: char)",
+        help="the lesson's settings to start from (default: char, or the "
+        "preset of the run being resumed)",
     )
     source = train.add_argument_group("corpus")
     source.add_argument(
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between checkpoints (default: 500)",
     )
     opt.add_argument(
+        "--keep",
+        type=positive_int,
+        help="newest checkpoints to keep (default: 3)",
+    )
+    opt.add_argument(
         "--log-every",
         type=positive_int,
         help="steps between loss reports (default: 10)",
@@ -176,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a run already in --out",
+        help="delete the run in --out and start again, instead of resuming it",
     )
     train.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar"
@@ -236,8 +242,12 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Orbax logs a failed save through absl with a traceback; jaxlstm then
+    # reports the failure in one line, so those logs show only with -v.
     for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(
+            logging.ERROR if verbose else logging.CRITICAL
+        )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -248,8 +258,14 @@ def run_train(args: argparse.Namespace) -> int:
     from jaxlstm.data import load_text
     from jaxlstm.train import train
 
+    out = Path(args.out or f"runs/{args.preset or 'char'}")
+    saved = out / CONFIG_FILE
+    if saved.is_file() and not args.overwrite and args.preset is None:
+        base = Config.load(saved)  # resume with the run's own settings
+    else:
+        base = PRESETS[args.preset or "char"]
     config = override(
-        PRESETS[args.preset],
+        base,
         clean=args.clean,
         min_count=args.min_count,
         val_fraction=args.val_fraction,
@@ -264,11 +280,11 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         eval_every=args.eval_every,
         save_every=args.save_every,
+        keep=args.keep,
         log_every=args.log_every,
         seed=args.seed,
     )
     text = load_text(args.text, args.encoding, args.cache_dir, args.url)
-    out = args.out or f"runs/{args.preset}"
 
     bar = None
 
@@ -295,6 +311,8 @@ def run_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(f"run folder: {out}")
+    if summary.resumed_from:
+        print(f"resumed from step {summary.resumed_from}")
     print(
         f"steps: {summary.steps}, time: {summary.seconds:.0f} s, "
         f"final training loss: {summary.train_loss:.4f}"
@@ -341,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": run_train, "sample": run_sample}
     try:
         return handlers[args.command](args)
+    except TrainingStopped as error:
+        print(f"jaxlstm: {error}", file=sys.stderr)
+        return 128 + error.signum
     except JaxlstmError as error:
         print(f"jaxlstm: error: {error}", file=sys.stderr)
         return 1

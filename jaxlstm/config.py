@@ -15,6 +15,7 @@ from jaxlstm.errors import InputError
 
 # Raised whenever config.json changes in a way older code cannot read.
 CONFIG_FORMAT = 1
+CONFIG_FILE = "config.json"  # its name in a run folder
 
 LESSON_PRIMES = ("thou art more", "to be or not to", "wherefore art thou")
 
@@ -55,6 +56,7 @@ class TrainConfig:
     steps: int | None = None
     eval_every: int = 200  # steps between validation passes and samples
     save_every: int = 500  # steps between checkpoints
+    keep: int = 3  # newest checkpoints kept; older ones are deleted
     log_every: int = 10  # steps between loss read-backs to the host
     seed: int = 0
     sample_tokens: int = 10  # tokens generated after each prime at eval
@@ -139,6 +141,56 @@ PRESETS: dict[str, Config] = {
 }
 
 
+# Settings that may change when a run resumes: they set how long to train and
+# what to report, not what the saved state means.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "steps",
+        "eval_every",
+        "save_every",
+        "keep",
+        "log_every",
+        "sample_tokens",
+        "primes",
+    }
+)
+
+
+def flag_name(field: str) -> str:
+    """Return the command-line flag that sets a config field."""
+    return "--" + field.replace("_", "-")
+
+
+def resume_differences(saved: Config, requested: Config) -> list[str]:
+    """List the settings that differ and that a resumed run cannot change.
+
+    Returns:
+      One phrase per differing setting, such as
+      "--hidden is 128 in the checkpoint but 256 now"; empty when the
+      requested config can continue the saved run.
+    """
+    differences = []
+    if saved.preset != requested.preset:
+        differences.append(
+            f"--preset is {saved.preset} in the checkpoint but "
+            f"{requested.preset} now"
+        )
+    for group in ("data", "model", "train"):
+        old, new = getattr(saved, group), getattr(requested, group)
+        for field in dataclasses.fields(old):
+            name = field.name
+            if name in RESUMABLE_CHANGES:
+                continue
+            a, b = getattr(old, name), getattr(new, name)
+            if a != b:
+                differences.append(
+                    f"{flag_name(name)} is {a!r} in the checkpoint but "
+                    f"{b!r} now"
+                )
+    return differences
+
+
 def override(config: Config, **changes: Any) -> Config:
     """Return `config` with the named fields replaced, wherever they live.
 
@@ -212,6 +264,7 @@ def validate(config: Config) -> None:
         ("epochs", train.epochs, "--epochs"),
         ("eval interval", train.eval_every, "--eval-every"),
         ("save interval", train.save_every, "--save-every"),
+        ("checkpoints kept", train.keep, "--keep"),
         ("log interval", train.log_every, "--log-every"),
     ]
     if train.steps is not None:

@@ -416,3 +416,32 @@ def load_text(
     from jaxlstm.download import DEFAULT_URL, fetch_corpus
 
     return read_text(fetch_corpus(url or DEFAULT_URL, cache_dir=cache_dir))
+
+
+def vocab_difference(saved: Vocab, built: Vocab) -> str | None:
+    """Describe how a vocabulary built now differs from a saved one.
+
+    Returns:
+      None when both are identical, else one phrase for an error message.
+    """
+    if saved == built:
+        return None
+    if saved.level != built.level:
+        return (
+            f"checkpoint vocabulary is of {saved.level}s, this run's of "
+            f"{built.level}s"
+        )
+    if saved.size != built.size:
+        return (
+            f"checkpoint vocabulary has {saved.size} tokens, this text "
+            f"gives {built.size}"
+        )
+    first = next(
+        i
+        for i, (a, b) in enumerate(zip(saved.tokens, built.tokens, strict=True))
+        if a != b
+    )
+    return (
+        f"checkpoint vocabulary has {saved.tokens[first]!r} at id {first + 1}, "
+        f"this text gives {built.tokens[first]!r}"
+    )

@@ -19,3 +19,11 @@ class DownloadError(JaxlstmError):
 
 class TrainingError(JaxlstmError):
     """Training that cannot go on, such as a loss that is not finite."""
+
+
+class TrainingStopped(JaxlstmError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum  # the command line exits with 128 + signum

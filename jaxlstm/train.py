@@ -1,10 +1,21 @@
-"""The training loop: batches, steps, evaluation, samples, checkpoints."""
+"""The training loop: batches, steps, evaluation, samples, checkpoints.
+
+`train` starts a run in an empty folder, or continues the run already in
+the folder from its newest complete checkpoint. A resumed run repeats the
+uninterrupted one exactly: the checkpoint holds the parameters, the
+optimiser state, the carried LSTM state of every batch row and the PRNG key,
+and the position in the data follows from the step, because the batches of
+an epoch are always taken in the same order.
+"""
 
 import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +25,17 @@ import jax
 import numpy as np
 
 from jaxlstm import checkpoint
-from jaxlstm.config import Config, validate
+from jaxlstm.config import Config, resume_differences, validate
 from jaxlstm.data import (
     Batch,
     Corpus,
     TBPTTBatches,
+    Vocab,
     eval_windows,
     prepare_corpus,
+    vocab_difference,
 )
-from jaxlstm.errors import InputError, TrainingError
+from jaxlstm.errors import InputError, TrainingError, TrainingStopped
 from jaxlstm.model import LanguageModel, build_model
 from jaxlstm.plot import plot_losses
 from jaxlstm.sampling import generate_text
@@ -37,6 +50,13 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+RUN_FILES = (
+    checkpoint.CHECKPOINT_DIR,
+    checkpoint.CONFIG_FILE,
+    checkpoint.VOCAB_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+)
 
 # Called after every log interval with (step, total steps, values), so a
 # front end can draw progress; values hold `loss` and `tokens_per_sec`.
@@ -48,6 +68,7 @@ class RunSummary:
     """What a finished training run reached."""
 
     steps: int
+    resumed_from: int  # step of the checkpoint the run continued; 0 if none
     train_loss: float  # mean over the last log interval, nats per token
     val_loss: float  # nats per token over the whole validation split
     val_perplexity: float
@@ -65,14 +86,13 @@ def evaluate(
       `val_loss` in nats per token and `val_perplexity`.
     """
     carry = model.initial_carry(windows[0].inputs.shape[0])
-    total, count = 0.0, 0.0
     sums = []
     for batch in windows:
         carry, metrics = eval_step(state, batch, carry)
         sums.append(metrics)
-    for metrics in jax.device_get(sums):
-        total += float(metrics["loss_sum"])
-        count += float(metrics["count"])
+    sums = jax.device_get(sums)
+    total = sum(float(m["loss_sum"]) for m in sums)
+    count = sum(float(m["count"]) for m in sums)
     loss = total / count
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
 
@@ -80,8 +100,8 @@ def evaluate(
 def unigram_loss(corpus: Corpus) -> float:
     """Cross-entropy of the validation tokens under training frequencies.
 
-    Counts are smoothed by one, so every id has a probability. A model that
-    learns nothing about context cannot do better than this.
+    Counts are smoothed by one, so every id has a probability. This is the
+    loss of a model that ignores context, a baseline any LSTM should beat.
     """
     size = corpus.vocab.size
     counts = np.bincount(corpus.train_ids, minlength=size) + 1.0
@@ -89,31 +109,121 @@ def unigram_loss(corpus: Corpus) -> float:
     return float(-log_probs[corpus.val_ids].mean())
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so a crash leaves the old or new file."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(part, path)
+
+
+def _check_run_dir(run_dir: Path, config: Config, overwrite: bool) -> bool:
+    """Check `run_dir` for a new or resumed run; return True to resume.
+
+    Raises:
+      InputError: if the folder is a file, contains other files but no run,
+        or contains a run that `config` cannot continue.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(
             f"--out {str(run_dir)!r} is a file; pass a folder for the run"
         )
-    existing = run_dir / checkpoint.CONFIG_FILE
-    if existing.exists() and not overwrite:
+    config_path = run_dir / checkpoint.CONFIG_FILE
+    if overwrite or not run_dir.exists():
+        return False
+    if not config_path.exists():
+        others = sorted(p.name for p in run_dir.iterdir())
+        if others:
+            raise InputError(
+                f"--out {str(run_dir)!r} is not a jaxlstm run folder and not "
+                f"empty (it contains {', '.join(others[:3])}); pass a new or "
+                "empty folder"
+            )
+        return False
+    saved = Config.load(config_path)
+    differences = resume_differences(saved, config)
+    if differences:
         raise InputError(
-            f"{str(run_dir)!r} already contains a run; pass --overwrite to "
-            "replace it, or another --out folder"
+            f"cannot resume the run in {str(run_dir)!r}: "
+            + "; ".join(differences)
+            + ". Pass the run's settings, or --overwrite to start again"
         )
-    if overwrite:
-        for name in (
-            checkpoint.CHECKPOINT_DIR,
-            METRICS_FILE,
-            PLOT_FILE,
-            checkpoint.CONFIG_FILE,
-            checkpoint.VOCAB_FILE,
-        ):
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    return True
+
+
+def _check_vocab(run_dir: Path, vocab: Vocab) -> None:
+    path = run_dir / checkpoint.VOCAB_FILE
+    saved = Vocab.from_json(path.read_text("utf-8"), str(path))
+    difference = vocab_difference(saved, vocab)
+    if difference:
+        raise InputError(
+            f"cannot resume the run in {str(run_dir)!r}: {difference}. Pass "
+            "the same --text and --min-count, or --overwrite to start again"
+        )
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_metrics(path: Path, up_to: int) -> list[dict[str, Any]]:
+    """Read the metric records of steps up to `up_to` from a resumed run."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the run was killed
+        if isinstance(record, dict) and record.get("step", up_to + 1) <= up_to:
+            records.append(record)
+    return records
+
+
+class _StopSignals:
+    """Turn SIGINT and SIGTERM into a request to stop after this step.
+
+    The first signal sets `signum` and restores the previous handlers, so a
+    second one stops the program at once, without a checkpoint.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        # Python only lets the main thread install signal handlers.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signum = signum
+        logger.warning(
+            "%s received: stopping after this step and saving a checkpoint "
+            "(send it again to stop at once, without saving)",
+            signal.Signals(signum).name,
+        )
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
 
 
 def _check_finite(loss: float, grad_norm: float, step: int) -> None:
@@ -128,6 +238,224 @@ def _check_finite(loss: float, grad_norm: float, step: int) -> None:
             )
 
 
+class _Run:
+    """The state and bookkeeping of one training run in a folder."""
+
+    def __init__(
+        self,
+        config: Config,
+        corpus: Corpus,
+        run_dir: Path,
+        progress: ProgressFn | None,
+    ):
+        train_cfg = config.train
+        self.config = config
+        self.corpus = corpus
+        self.run_dir = run_dir
+        self.progress = progress
+        self.batches = TBPTTBatches(
+            corpus.train_ids, train_cfg.batch_size, train_cfg.seq_len
+        )
+        self.val_windows = eval_windows(
+            corpus.val_ids, train_cfg.batch_size, train_cfg.seq_len
+        )
+        self.total_steps = train_cfg.steps or train_cfg.epochs * len(
+            self.batches
+        )
+        self.model = build_model(config.model, corpus.vocab.size)
+        self.key = jax.random.key(train_cfg.seed)
+        self.state = create_train_state(
+            self.model, train_cfg, jax.random.fold_in(self.key, 0)
+        )
+        self.carry = self.model.initial_carry(train_cfg.batch_size)
+        self.step = 0
+        self.saved_step = 0
+        self.records: list[dict[str, Any]] = []
+        self.pending: list[tuple[int, Any]] = []
+        self.train_loss = float("nan")
+        self.val_loss = float("nan")
+        self.samples: list[str] = []
+        self.mark = time.perf_counter()
+        self.metrics_file = None
+
+    def restore_newest(self, manager) -> None:
+        """Continue from the newest complete checkpoint, if there is one."""
+        steps = manager.all_steps()
+        if not steps:
+            logger.info("no complete checkpoint in %s; starting", self.run_dir)
+            return
+        step = max(steps)
+        abstract = jax.eval_shape(lambda: self._training_tree())
+        params, opt_state, training, _ = checkpoint.restore(
+            manager,
+            step,
+            jax.eval_shape(lambda: self.state.params),
+            jax.eval_shape(lambda: self.state.opt_state),
+            abstract,
+        )
+        self.state = self.state.replace(
+            step=training["step"], params=params, opt_state=opt_state
+        )
+        self.carry = training["carry"]
+        self.key = jax.random.wrap_key_data(training["key"])
+        self.step = self.saved_step = step
+        logger.info("resuming from the checkpoint of step %d", step)
+
+    def _training_tree(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "carry": self.carry,
+            "key": jax.random.key_data(self.key),
+        }
+
+    def open_metrics(self, resumed: bool) -> None:
+        path = self.run_dir / METRICS_FILE
+        self.records = _read_metrics(path, self.step) if resumed else []
+        # Lines logged after the checkpoint are dropped: the resumed run
+        # computes those steps again, with the same values.
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.metrics_file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def flush(self) -> None:
+        """Read back and record the losses of the steps since the last call.
+
+        Reading values back waits for the device, so it happens once per
+        log interval rather than after every step.
+        """
+        if not self.pending:
+            return
+        values = jax.device_get([m for _, m in self.pending])
+        for (step, _), m in zip(self.pending, values, strict=True):
+            _check_finite(float(m["loss"]), float(m["grad_norm"]), step)
+            self.write({"step": step, "train_loss": float(m["loss"])})
+        now = time.perf_counter()
+        tokens = len(self.pending) * self.batches.batch_size
+        speed = tokens * self.batches.seq_len / max(now - self.mark, 1e-9)
+        self.train_loss = float(np.mean([m["loss"] for m in values]))
+        self.mark = now
+        self.pending.clear()
+        if self.progress is not None:
+            self.progress(
+                self.step,
+                self.total_steps,
+                {"loss": self.train_loss, "tokens_per_sec": speed},
+            )
+        logger.debug(
+            "step %d: loss %.4f, %.0f tokens/s",
+            self.step,
+            self.train_loss,
+            speed,
+        )
+
+    def run_eval(self, record: bool = True) -> None:
+        """Score the validation split and generate the samples.
+
+        Args:
+          record: write the scores to metrics.jsonl.
+        """
+        data = self.config.data
+        scores = evaluate(self.state, self.model, self.val_windows)
+        extra = ""
+        if data.level == "char":
+            scores["val_bpc"] = scores["val_loss"] / math.log(2)
+            extra = f", {scores['val_bpc']:.3f} bits per character"
+        if record:
+            self.write({"step": self.step, **scores})
+        self.val_loss = scores["val_loss"]
+        logger.info(
+            "step %d: validation loss %.4f nats per token, perplexity %.2f%s",
+            self.step,
+            scores["val_loss"],
+            scores["val_perplexity"],
+            extra,
+        )
+        self.samples = generate_text(
+            self.model,
+            self.state.params,
+            self.corpus.vocab,
+            data.clean,
+            self.config.train.primes,
+            self.config.train.sample_tokens,
+        )
+        for sample in self.samples:
+            logger.info("sample: %s", sample)
+        self.mark = time.perf_counter()  # evaluation is not training time
+
+    def save(self, manager) -> None:
+        """Save the current step and wait until it is complete on disk.
+
+        Raises:
+          TrainingError: if the save fails; older checkpoints stay intact.
+        """
+        self.flush()  # checks the losses are finite first
+        num_windows = len(self.batches)
+        meta = {
+            "step": self.step,
+            "epoch": self.step // num_windows,
+            "window": self.step % num_windows,
+        }
+        try:
+            checkpoint.save(
+                manager,
+                self.step,
+                self.state.params,
+                self.state.opt_state,
+                self._training_tree(),
+                meta,
+            )
+            # Checkpoints are small next to the time between them, so
+            # waiting here costs little and reports a failure at its step.
+            manager.wait_until_finished()
+        except Exception as error:  # Orbax raises many types; all stop here
+            intact = (
+                f"the checkpoint of step {self.saved_step} is intact"
+                if self.saved_step
+                else "no earlier checkpoint exists"
+            )
+            raise TrainingError(
+                f"saving the checkpoint of step {self.step} to "
+                f"{manager.directory} failed ({type(error).__name__}: "
+                f"{error}); {intact}. Free disk space or fix the folder's "
+                "permissions, then run the same command to resume"
+            ) from error
+        self.saved_step = self.step
+
+    def loop(self, manager, stop: _StopSignals) -> None:
+        """Train from `self.step` to the total, saving and evaluating."""
+        train_cfg = self.config.train
+        num_windows = len(self.batches)
+        while self.step < self.total_steps:
+            window = self.step % num_windows
+            if window == 0:  # each epoch starts every row from zero state
+                self.carry = self.model.initial_carry(train_cfg.batch_size)
+            self.state, self.carry, metrics = train_step(
+                self.state, self.batches.window(window), self.carry
+            )
+            self.step += 1
+            self.pending.append((self.step, metrics))
+            is_last = self.step == self.total_steps
+            if self.step % train_cfg.log_every == 0 or is_last:
+                self.flush()
+            if self.step % train_cfg.eval_every == 0 or is_last:
+                self.run_eval()
+            if self.step % train_cfg.save_every == 0 or is_last:
+                self.save(manager)
+            if stop.signum is not None:
+                if self.saved_step != self.step:
+                    self.save(manager)
+                raise TrainingStopped(
+                    f"training stopped by {signal.Signals(stop.signum).name} "
+                    f"after step {self.step}; the checkpoint is saved in "
+                    f"{self.run_dir}. Run the same command to resume",
+                    signum=stop.signum,
+                )
+
+
 def train(
     config: Config,
     text: str,
@@ -136,161 +464,95 @@ def train(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> RunSummary:
-    """Train a model on `text` and write the run folder.
+    """Train a model on `text` in `run_dir`, resuming the run already there.
 
-    The folder receives config.json, vocab.json, metrics.jsonl (one JSON
-    object per line: `step` with `train_loss`, or `step` with the
-    validation figures), checkpoints/ and loss.png.
+    A folder that contains a run is continued from its newest complete
+    checkpoint, and `config` must match the run's settings except for the
+    schedule and reporting ones (`RESUMABLE_CHANGES`). With `overwrite`,
+    the run is replaced instead. The folder receives config.json,
+    vocab.json, metrics.jsonl (one JSON object per line: `step` with
+    `train_loss`, or `step` with the validation figures), checkpoints/ and
+    loss.png.
+
+    SIGINT and SIGTERM stop training after the current step, with a
+    checkpoint, by raising `TrainingStopped`.
 
     Raises:
-      InputError: for bad settings, a text too short, or a folder in use.
-      TrainingError: if the loss stops being finite.
+      InputError: for bad settings, a text too short, or a folder whose run
+        these settings or this text cannot continue.
+      TrainingError: if the loss stops being finite or a save fails.
+      TrainingStopped: after SIGINT or SIGTERM.
     """
     validate(config)
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    data, train_cfg = config.data, config.train
+    resuming = _check_run_dir(run_dir, config, overwrite)
+    data = config.data
     corpus = prepare_corpus(
         text, data.level, data.clean, data.min_count, data.val_fraction
     )
-    batches = TBPTTBatches(
-        corpus.train_ids, train_cfg.batch_size, train_cfg.seq_len
-    )
-    val_windows = eval_windows(
-        corpus.val_ids, train_cfg.batch_size, train_cfg.seq_len
-    )
-    total_steps = train_cfg.steps or train_cfg.epochs * len(batches)
-    _prepare_run_dir(run_dir, overwrite)
-    config.save(run_dir / checkpoint.CONFIG_FILE)
-    (run_dir / checkpoint.VOCAB_FILE).write_text(
-        corpus.vocab.to_json(), encoding="utf-8"
-    )
+    if resuming:
+        _check_vocab(run_dir, corpus.vocab)
+    run = _Run(config, corpus, run_dir, progress)  # checks the text length
+    if not resuming:
+        _clear_run_dir(run_dir)
+        _write_atomic(run_dir / checkpoint.VOCAB_FILE, corpus.vocab.to_json())
+    _write_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_json())
 
-    model = build_model(config.model, corpus.vocab.size)
-    key = jax.random.key(train_cfg.seed)
-    state = create_train_state(model, train_cfg, jax.random.fold_in(key, 0))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
     baseline = unigram_loss(corpus)
     logger.info(
         "%s model: %d parameters, %d windows of %d x %d per epoch, %d steps",
         config.preset,
         num_params,
-        len(batches),
-        train_cfg.batch_size,
-        train_cfg.seq_len,
-        total_steps,
+        len(run.batches),
+        config.train.batch_size,
+        config.train.seq_len,
+        run.total_steps,
     )
     logger.info("unigram baseline: %.4f nats per token", baseline)
 
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
-    records: list[dict[str, Any]] = []
-    pending: list[tuple[int, Any]] = []
-    last = {"train_loss": float("nan"), "val_loss": float("nan")}
-    samples: list[str] = []
-    mark = time.perf_counter()
-    metrics_file = open(run_dir / METRICS_FILE, "w", encoding="utf-8")
+    try:
+        with (
+            checkpoint.open_manager(run_dir, config.train.keep) as manager,
+            _StopSignals() as stop,
+        ):
+            if resuming:
+                run.restore_newest(manager)
+            resumed_from = run.step
+            run.open_metrics(resuming)
+            try:
+                if run.step >= run.total_steps:
+                    logger.info(
+                        "the run already reached step %d of %d; nothing to "
+                        "train",
+                        run.step,
+                        run.total_steps,
+                    )
+                    run.run_eval(record=False)
+                run.loop(manager, stop)
+            finally:
+                run.metrics_file.close()
+    except Exception as error:
+        # After a failed save, closing the manager raises the save's error
+        # again; the error that explains it is the one already in flight.
+        cause = error.__context__
+        while cause is not None and not isinstance(cause, TrainingError):
+            cause = cause.__context__
+        if cause is not None and not isinstance(error, TrainingError):
+            raise cause from None
+        raise
 
-    def write(record: dict[str, Any]) -> None:
-        records.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-
-    def flush(step: int) -> None:
-        # Reading the losses back waits for the device, so it happens once
-        # per interval rather than after every step.
-        nonlocal mark
-        values = jax.device_get([m for _, m in pending])
-        losses = [float(m["loss"]) for m in values]
-        for (s, _), m in zip(pending, values, strict=True):
-            _check_finite(float(m["loss"]), float(m["grad_norm"]), s)
-            write({"step": s, "train_loss": float(m["loss"])})
-        now = time.perf_counter()
-        speed = len(pending) * tokens_per_step / max(now - mark, 1e-9)
-        last["train_loss"] = float(np.mean(losses))
-        mark = now
-        pending.clear()
-        if progress is not None:
-            progress(
-                step,
-                total_steps,
-                {
-                    "loss": last["train_loss"],
-                    "tokens_per_sec": speed,
-                },
-            )
-        logger.debug(
-            "step %d: loss %.4f, %.0f tokens/s", step, last["train_loss"], speed
-        )
-
-    def run_eval(step: int) -> None:
-        nonlocal samples, mark
-        scores = evaluate(state, model, val_windows)
-        if data.level == "char":
-            scores["val_bpc"] = scores["val_loss"] / math.log(2)
-        write({"step": step, **scores})
-        last["val_loss"] = scores["val_loss"]
-        extra = (
-            f", {scores['val_bpc']:.3f} bits per character"
-            if "val_bpc" in scores
-            else ""
-        )
-        logger.info(
-            "step %d: validation loss %.4f nats per token, perplexity %.2f%s",
-            step,
-            scores["val_loss"],
-            scores["val_perplexity"],
-            extra,
-        )
-        samples = generate_text(
-            model,
-            state.params,
-            corpus.vocab,
-            data.clean,
-            train_cfg.primes,
-            train_cfg.sample_tokens,
-        )
-        for sample in samples:
-            logger.info("sample: %s", sample)
-        mark = time.perf_counter()  # evaluation time is not training speed
-
-    with checkpoint.open_manager(run_dir) as manager, metrics_file:
-        carry = model.initial_carry(train_cfg.batch_size)
-        for step in range(1, total_steps + 1):
-            window = (step - 1) % len(batches)
-            if window == 0:  # a new epoch starts every row from zero state
-                carry = model.initial_carry(train_cfg.batch_size)
-            state, carry, metrics = train_step(
-                state, batches.window(window), carry
-            )
-            pending.append((step, metrics))
-            is_last = step == total_steps
-            if step % train_cfg.log_every == 0 or is_last:
-                flush(step)
-            if step % train_cfg.eval_every == 0 or is_last:
-                run_eval(step)
-            if step % train_cfg.save_every == 0 or is_last:
-                if pending:
-                    flush(step)
-                checkpoint.save(
-                    manager,
-                    step,
-                    state.params,
-                    state.opt_state,
-                    {"step": state.step, "carry": carry},
-                    {
-                        "step": step,
-                        "epoch": (step - 1) // len(batches),
-                        "window": window,
-                    },
-                )
-        manager.wait_until_finished()
-
-    plot_losses(records, run_dir / PLOT_FILE, f"jaxlstm {config.preset} model")
+    plot_losses(
+        run.records, run_dir / PLOT_FILE, f"jaxlstm {config.preset} model"
+    )
     return RunSummary(
-        steps=total_steps,
-        train_loss=last["train_loss"],
-        val_loss=last["val_loss"],
-        val_perplexity=math.exp(min(last["val_loss"], 700.0)),
+        steps=run.step,
+        resumed_from=resumed_from,
+        train_loss=run.train_loss,
+        val_loss=run.val_loss,
+        val_perplexity=math.exp(min(run.val_loss, 700.0)),
         unigram_loss=baseline,
-        samples=samples,
+        samples=run.samples,
         seconds=time.perf_counter() - started,
     )

@@ -9,6 +9,7 @@ import pytest
 # tinyshakespeare.txt and pg100-2011.txt.
 DATA_DIR_ENV = "JAXLSTM_DATA_DIR"
 PG100_FILE = "pg100-2011.txt"
+TINY_FILE = "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,14 @@ def data_dir() -> Path:
             "the tests on real text need it"
         )
     return folder
+
+
+@pytest.fixture(scope="session")
+def shakespeare(data_dir, tmp_path_factory) -> Path:
+    """Return a file with the first 60,000 characters of tinyshakespeare."""
+    source = data_dir / TINY_FILE
+    if not source.is_file():
+        pytest.skip(f"{DATA_DIR_ENV} does not contain {TINY_FILE}")
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text(source.read_text("utf-8")[:60_000], "utf-8")
+    return path

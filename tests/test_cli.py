@@ -21,17 +21,6 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir, tmp_path_factory):
-    """The first 60,000 characters of tinyshakespeare.txt."""
-    source = data_dir / "tinyshakespeare.txt"
-    if not source.is_file():
-        pytest.skip(f"{source} not found")
-    path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text(source.read_text("utf-8")[:60_000], "utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def char_run(shakespeare, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "char"
     argv = ["train", "--preset", "char", "--text", str(shakespeare)]
@@ -137,10 +126,12 @@ def test_word_run_samples_words(shakespeare, tmp_path, capsys):
     assert all(w in vocab for w in words[2:])
 
 
-def test_existing_run_needs_overwrite(char_run, shakespeare, capsys):
+def test_finished_run_trains_nothing(char_run, shakespeare, capsys):
+    before = (char_run / "metrics.jsonl").read_text()
     argv = ["train", "--text", str(shakespeare), "--out", str(char_run)]
-    assert main(argv) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    assert (char_run / "metrics.jsonl").read_text() == before
 
 
 # Bad input: one line on stderr, a non-zero exit, no traceback.
