@@ -53,6 +53,13 @@ positive_float = _number(float, 0.0, strict=True)
 count = _number(int, 0, strict=False)
 
 
+def device_count(text: str) -> int | None:
+    """Parse `all` (None) or a positive number of devices."""
+    if text == "all":
+        return None
+    return positive_int(text)
+
+
 def fraction(text: str) -> float:
     """Parse a number strictly between 0 and 1."""
     value = _number(float, None, strict=False)(text)
@@ -174,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between loss reports (default: 10)",
     )
     opt.add_argument("--seed", type=count, help="random seed (default: 0)")
+    opt.add_argument(
+        "--devices",
+        type=device_count,
+        default=None,
+        help="local devices to train on data-parallel, 'all' or a number "
+        "(default: all)",
+    )
     train.add_argument(
         "--out",
         metavar="DIR",
@@ -306,6 +320,7 @@ def run_train(args: argparse.Namespace) -> int:
             text,
             out,
             overwrite=args.overwrite,
+            devices=args.devices,
             progress=None if args.no_progress else progress,
         )
         if bar is not None:

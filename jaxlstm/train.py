@@ -39,12 +39,7 @@ from jaxlstm.errors import InputError, TrainingError, TrainingStopped
 from jaxlstm.model import LanguageModel, build_model
 from jaxlstm.plot import plot_losses
 from jaxlstm.sampling import generate_text
-from jaxlstm.train_step import (
-    TrainState,
-    create_train_state,
-    eval_step,
-    train_step,
-)
+from jaxlstm.train_step import Placement, TrainState, create_train_state
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +72,39 @@ class RunSummary:
     seconds: float
 
 
+def _first(value: Any) -> float:
+    """Return a metric as a float; pmapped metrics repeat it per device."""
+    return float(np.asarray(value).reshape(-1)[0])
+
+
 def evaluate(
-    state: TrainState, model: LanguageModel, windows: list[Batch]
+    state: TrainState,
+    model: LanguageModel,
+    windows: list[Batch],
+    placement: Placement | None = None,
 ) -> dict[str, float]:
     """Score every validation target once, carrying the state row by row.
+
+    Args:
+      state: the train state, placed by `placement` when one is given.
+      model: the model.
+      windows: the validation windows from `eval_windows`.
+      placement: the devices the state lives on; None means one device.
 
     Returns:
       `val_loss` in nats per token and `val_perplexity`.
     """
-    carry = model.initial_carry(windows[0].inputs.shape[0])
+    placement = placement or Placement(jax.devices()[:1], 1)
+    carry = placement.shard(model.initial_carry(windows[0].inputs.shape[0]))
     sums = []
     for batch in windows:
-        carry, metrics = eval_step(state, batch, carry)
+        carry, metrics = placement.eval_step(
+            state, placement.shard(batch), carry
+        )
         sums.append(metrics)
     sums = jax.device_get(sums)
-    total = sum(float(m["loss_sum"]) for m in sums)
-    count = sum(float(m["count"]) for m in sums)
+    total = sum(_first(m["loss_sum"]) for m in sums)
+    count = sum(_first(m["count"]) for m in sums)
     loss = total / count
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
 
@@ -247,6 +259,7 @@ class _Run:
         corpus: Corpus,
         run_dir: Path,
         progress: ProgressFn | None,
+        devices: list[jax.Device],
     ):
         train_cfg = config.train
         self.config = config
@@ -262,12 +275,20 @@ class _Run:
         self.total_steps = train_cfg.steps or train_cfg.epochs * len(
             self.batches
         )
+        self.placement = Placement(devices, train_cfg.batch_size)
         self.model = build_model(config.model, corpus.vocab.size)
         self.key = jax.random.key(train_cfg.seed)
-        self.state = create_train_state(
+        state = create_train_state(
             self.model, train_cfg, jax.random.fold_in(self.key, 0)
         )
-        self.carry = self.model.initial_carry(train_cfg.batch_size)
+        self.num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        # Shapes and structure of one unplaced copy, for restoring.
+        self.abstract_state = jax.eval_shape(lambda: state)
+        self.zero_carry = self.placement.shard(
+            self.model.initial_carry(train_cfg.batch_size)
+        )
+        self.state = self.placement.replicate(state)
+        self.carry = self.zero_carry
         self.step = 0
         self.saved_step = 0
         self.records: list[dict[str, Any]] = []
@@ -285,26 +306,32 @@ class _Run:
             logger.info("no complete checkpoint in %s; starting", self.run_dir)
             return
         step = max(steps)
-        abstract = jax.eval_shape(lambda: self._training_tree())
+        abstract = self.abstract_state
+        training = {
+            "step": abstract.step,
+            "carry": jax.eval_shape(
+                lambda: self.model.initial_carry(self.batches.batch_size)
+            ),
+            "key": jax.eval_shape(lambda: jax.random.key_data(self.key)),
+        }
         params, opt_state, training, _ = checkpoint.restore(
-            manager,
-            step,
-            jax.eval_shape(lambda: self.state.params),
-            jax.eval_shape(lambda: self.state.opt_state),
-            abstract,
+            manager, step, abstract.params, abstract.opt_state, training
         )
-        self.state = self.state.replace(
+        # A checkpoint holds one copy of everything and the carry of all
+        # rows in order, so it restores onto any number of devices.
+        state = self.placement.unreplicate(self.state).replace(
             step=training["step"], params=params, opt_state=opt_state
         )
-        self.carry = training["carry"]
+        self.state = self.placement.replicate(state)
+        self.carry = self.placement.shard(training["carry"])
         self.key = jax.random.wrap_key_data(training["key"])
         self.step = self.saved_step = step
         logger.info("resuming from the checkpoint of step %d", step)
 
     def _training_tree(self) -> dict[str, Any]:
         return {
-            "step": self.state.step,
-            "carry": self.carry,
+            "step": self.placement.unreplicate(self.state.step),
+            "carry": self.placement.unshard(self.carry),
             "key": jax.random.key_data(self.key),
         }
 
@@ -330,13 +357,16 @@ class _Run:
         if not self.pending:
             return
         values = jax.device_get([m for _, m in self.pending])
+        losses = []
         for (step, _), m in zip(self.pending, values, strict=True):
-            _check_finite(float(m["loss"]), float(m["grad_norm"]), step)
-            self.write({"step": step, "train_loss": float(m["loss"])})
+            loss = _first(m["loss"])
+            _check_finite(loss, _first(m["grad_norm"]), step)
+            self.write({"step": step, "train_loss": loss})
+            losses.append(loss)
         now = time.perf_counter()
         tokens = len(self.pending) * self.batches.batch_size
         speed = tokens * self.batches.seq_len / max(now - self.mark, 1e-9)
-        self.train_loss = float(np.mean([m["loss"] for m in values]))
+        self.train_loss = float(np.mean(losses))
         self.mark = now
         self.pending.clear()
         if self.progress is not None:
@@ -359,7 +389,9 @@ class _Run:
           record: write the scores to metrics.jsonl.
         """
         data = self.config.data
-        scores = evaluate(self.state, self.model, self.val_windows)
+        scores = evaluate(
+            self.state, self.model, self.val_windows, self.placement
+        )
         extra = ""
         if data.level == "char":
             scores["val_bpc"] = scores["val_loss"] / math.log(2)
@@ -376,7 +408,7 @@ class _Run:
         )
         self.samples = generate_text(
             self.model,
-            self.state.params,
+            self.placement.unreplicate(self.state.params),
             self.corpus.vocab,
             data.clean,
             self.config.train.primes,
@@ -403,8 +435,8 @@ class _Run:
             checkpoint.save(
                 manager,
                 self.step,
-                self.state.params,
-                self.state.opt_state,
+                self.placement.unreplicate(self.state.params),
+                self.placement.unreplicate(self.state.opt_state),
                 self._training_tree(),
                 meta,
             )
@@ -432,9 +464,10 @@ class _Run:
         while self.step < self.total_steps:
             window = self.step % num_windows
             if window == 0:  # each epoch starts every row from zero state
-                self.carry = self.model.initial_carry(train_cfg.batch_size)
-            self.state, self.carry, metrics = train_step(
-                self.state, self.batches.window(window), self.carry
+                self.carry = self.zero_carry
+            batch = self.placement.shard(self.batches.window(window))
+            self.state, self.carry, metrics = self.placement.train_step(
+                self.state, batch, self.carry
             )
             self.step += 1
             self.pending.append((self.step, metrics))
@@ -456,6 +489,24 @@ class _Run:
                 )
 
 
+def select_devices(count: int | None) -> list[jax.Device]:
+    """Return the first `count` local devices, or all of them for None.
+
+    Raises:
+      InputError: if `count` is not between 1 and the number available.
+    """
+    available = jax.local_devices()
+    if count is None:
+        return available
+    if not 1 <= count <= len(available):
+        raise InputError(
+            f"--devices {count} is not available: this machine has "
+            f"{len(available)} {available[0].platform} device(s); pass "
+            f"--devices all or a number from 1 to {len(available)}"
+        )
+    return available[:count]
+
+
 def train(
     config: Config,
     text: str,
@@ -463,8 +514,12 @@ def train(
     *,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    devices: int | None = None,
 ) -> RunSummary:
     """Train a model on `text` in `run_dir`, resuming the run already there.
+
+    With more than one device (`devices` None means all local devices), the
+    steps run data-parallel under `jax.pmap`; see `Placement`.
 
     A folder that contains a run is continued from its newest complete
     checkpoint, and `config` must match the run's settings except for the
@@ -493,18 +548,25 @@ def train(
     )
     if resuming:
         _check_vocab(run_dir, corpus.vocab)
-    run = _Run(config, corpus, run_dir, progress)  # checks the text length
+    devices = select_devices(devices)
+    # Checks the text length and the batch size against the device count.
+    run = _Run(config, corpus, run_dir, progress, devices)
     if not resuming:
         _clear_run_dir(run_dir)
         _write_atomic(run_dir / checkpoint.VOCAB_FILE, corpus.vocab.to_json())
     _write_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_json())
 
-    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
     baseline = unigram_loss(corpus)
+    logger.info(
+        "%d %s device(s): %s",
+        len(devices),
+        devices[0].platform,
+        ", ".join(str(d) for d in devices),
+    )
     logger.info(
         "%s model: %d parameters, %d windows of %d x %d per epoch, %d steps",
         config.preset,
-        num_params,
+        run.num_params,
         len(run.batches),
         config.train.batch_size,
         config.train.seq_len,

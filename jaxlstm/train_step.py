@@ -1,14 +1,22 @@
-"""Train state, loss, and the jitted training and evaluation steps."""
+"""Train state, loss, and the compiled training and evaluation steps.
 
+`train_step` and `eval_step` run on one device under `jax.jit`; `Placement`
+runs the same steps data-parallel over several devices under `jax.pmap`.
+"""
+
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
 from jaxlstm.config import TrainConfig
 from jaxlstm.data import Batch
+from jaxlstm.errors import InputError
 from jaxlstm.model import Carry, LanguageModel, init_params
 
 # params, opt_state and step, with the model's apply_fn and the optimiser as
@@ -58,21 +66,12 @@ def sequence_loss(
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-@jax.jit
-def train_step(
-    state: TrainState, batch: Batch, carry: Carry
+def _train_step(
+    state: TrainState,
+    batch: Batch,
+    carry: Carry,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Carry, dict[str, Any]]:
-    """Take one optimiser step on a window, starting from `carry`.
-
-    Gradients stop at the window's start: the incoming carry is an input, not
-    a function of earlier parameters (truncated backpropagation through time).
-
-    Returns:
-      The new state, the carry at the window's end, and metrics: `loss`, the
-      mean token cross-entropy in nats, and `grad_norm`, the global gradient
-      norm before clipping.
-    """
-
     def loss_fn(params):
         logits, new_carry = state.apply_fn(
             {"params": params}, batch.inputs, carry
@@ -83,9 +82,52 @@ def train_step(
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
+    if axis_name is not None:
+        # Every device holds the same number of rows and tokens, so the mean
+        # of the per-device means is the mean over the whole batch.
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
     state = state.apply_gradients(grads=grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state, new_carry, metrics
+
+
+def _eval_step(
+    state: TrainState,
+    batch: Batch,
+    carry: Carry,
+    axis_name: str | None = None,
+) -> tuple[Carry, dict[str, Any]]:
+    logits, new_carry = state.apply_fn(
+        {"params": state.params}, batch.inputs, carry
+    )
+    total, count = sequence_loss(logits, batch.targets, batch.weights)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+        count = jax.lax.psum(count, axis_name)
+    return new_carry, {"loss_sum": total, "count": count}
+
+
+@jax.jit
+def train_step(
+    state: TrainState, batch: Batch, carry: Carry
+) -> tuple[TrainState, Carry, dict[str, Any]]:
+    """Take one optimiser step on a window, starting from `carry`.
+
+    Gradients stop at the window's start: the incoming carry is an input, not
+    a function of earlier parameters (truncated backpropagation through time).
+
+    Args:
+      state: the train state.
+      batch: `<int32>[batch, seq]` inputs and targets, `<float32>` weights.
+      carry: the LSTM state of every layer for the batch rows.
+
+    Returns:
+      The new state, the carry at the window's end, and metrics: `loss`, the
+      mean token cross-entropy in nats, and `grad_norm`, the global gradient
+      norm before clipping.
+    """
+    return _train_step(state, batch, carry)
 
 
 @jax.jit
@@ -98,8 +140,98 @@ def eval_step(
       The carry at the window's end and metrics `loss_sum` (nats) and
       `count` (scored tokens), to be summed over windows.
     """
-    logits, new_carry = state.apply_fn(
-        {"params": state.params}, batch.inputs, carry
-    )
-    total, count = sequence_loss(logits, batch.targets, batch.weights)
-    return new_carry, {"loss_sum": total, "count": count}
+    return _eval_step(state, batch, carry)
+
+
+def nearest_divisible(batch_size: int, count: int) -> list[int]:
+    """Return the multiples of `count` just below and above `batch_size`."""
+    below = batch_size // count * count
+    sizes = [below, below + count] if below else [count]
+    return sizes
+
+
+class Placement:
+    """Where a run's arrays live and which compiled steps move them.
+
+    One device: `train_step` and `eval_step` under `jax.jit`, and the
+    placement functions return their input. Several devices: the same steps
+    under `jax.pmap`, with parameters and optimiser state replicated on every
+    device and the batch rows split evenly, device d holding rows
+    d * rows_per_device .. (d + 1) * rows_per_device - 1 and the carried
+    state of exactly those rows. Gradients and the loss are averaged with
+    `jax.lax.pmean`; evaluation sums are added with `jax.lax.psum`.
+    """
+
+    AXIS = "devices"
+
+    def __init__(self, devices: Sequence[jax.Device], batch_size: int):
+        self.devices = list(devices)
+        count = len(self.devices)
+        if batch_size % count:
+            sizes = " or ".join(
+                str(s) for s in nearest_divisible(batch_size, count)
+            )
+            raise InputError(
+                f"--batch-size {batch_size} does not divide evenly across "
+                f"{count} devices; pass --batch-size {sizes} (multiples of "
+                f"{count}), or fewer --devices"
+            )
+        self.parallel = count > 1
+        if not self.parallel:
+            self.train_step, self.eval_step = train_step, eval_step
+            return
+        mesh = jax.sharding.Mesh(np.array(self.devices), (self.AXIS,))
+        self._sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(self.AXIS)
+        )
+        self.train_step = jax.pmap(
+            functools.partial(_train_step, axis_name=self.AXIS),
+            axis_name=self.AXIS,
+            devices=self.devices,
+        )
+        self.eval_step = jax.pmap(
+            functools.partial(_eval_step, axis_name=self.AXIS),
+            axis_name=self.AXIS,
+            devices=self.devices,
+        )
+
+    def _put(self, x: Any) -> jax.Array:
+        return jax.device_put(x, self._sharding)
+
+    def replicate(self, tree: Any) -> Any:
+        """Copy every leaf to every device, under a new leading axis."""
+        if not self.parallel:
+            return tree
+        count = len(self.devices)
+        return jax.tree.map(
+            lambda x: self._put(
+                np.broadcast_to(np.asarray(x), (count, *np.shape(x)))
+            ),
+            tree,
+        )
+
+    def unreplicate(self, tree: Any) -> Any:
+        """Return one copy of a replicated tree."""
+        if not self.parallel:
+            return tree
+        return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+    def shard(self, tree: Any) -> Any:
+        """Split the leading batch axis of every leaf across the devices."""
+        if not self.parallel:
+            return tree
+        count = len(self.devices)
+        return jax.tree.map(
+            lambda x: self._put(
+                np.reshape(np.asarray(x), (count, -1, *np.shape(x)[1:]))
+            ),
+            tree,
+        )
+
+    def unshard(self, tree: Any) -> Any:
+        """Join the device axis back into the batch axis, rows in order."""
+        if not self.parallel:
+            return tree
+        return jax.tree.map(
+            lambda x: np.reshape(np.asarray(x), (-1, *np.shape(x)[2:])), tree
+        )
