@@ -13,7 +13,9 @@ so a save cut short (by SIGKILL or a full disk) never looks like a
 checkpoint; `all_steps` lists complete ones only.
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,15 @@ CHECKPOINT_DIR = "checkpoints"
 VOCAB_FILE = "vocab.json"
 
 
-def open_manager(run_dir: str | Path, keep: int = 3) -> ocp.CheckpointManager:
+def open_manager(
+    run_dir: str | Path, keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
     """Open the checkpoint manager of a run folder; use it as a context."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=keep,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
     )
     path = (Path(run_dir) / CHECKPOINT_DIR).absolute()
     return ocp.CheckpointManager(path, options=options)
@@ -88,24 +95,70 @@ def restore(
     Raises:
       InputError: if the checkpoint was written by a newer format.
     """
-    meta = manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )["meta"]
-    check_format(meta, manager.directory / str(step))
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params),
-            opt_state=ocp.args.StandardRestore(opt_state),
-            training=ocp.args.StandardRestore(training),
-        ),
-    )
+    with damaged_checkpoint_errors(manager.directory / str(step)):
+        meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        check_format(meta, manager.directory / str(step))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params),
+                opt_state=ocp.args.StandardRestore(opt_state),
+                training=ocp.args.StandardRestore(training),
+            ),
+        )
     return (
         restored["params"],
         restored["opt_state"],
         restored["training"],
         meta,
     )
+
+
+@contextlib.contextmanager
+def damaged_checkpoint_errors(where: Any) -> Iterator[None]:
+    """Turn any failure to read a checkpoint into one `InputError`.
+
+    Orbax and TensorStore raise many types for a truncated file, a missing
+    item or shapes that no longer match config.json and vocab.json.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"checkpoint {where} cannot be read: it is damaged or does not "
+            f"match config.json and vocab.json ({type(error).__name__}: "
+            f"{first_line}). Pick another --step, or train again"
+        ) from error
+
+
+def read_run_files(run_dir: Path) -> tuple[Config, Vocab]:
+    """Read and cross-check config.json and vocab.json of a run folder.
+
+    Raises:
+      InputError: if either file is unreadable, invalid or they disagree.
+    """
+    config_path = run_dir / CONFIG_FILE
+    vocab_path = run_dir / VOCAB_FILE
+    try:
+        config = Config.load(config_path)
+        vocab = Vocab.from_json(vocab_path.read_text("utf-8"), str(vocab_path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(
+            f"cannot read the run files in {str(run_dir)!r}: {error}; "
+            "train again to write them"
+        ) from None
+    if vocab.level != config.data.level:
+        raise InputError(
+            f"{vocab_path} is a {vocab.level} vocabulary but {config_path} "
+            f"describes a {config.data.level} model; the run folder is "
+            "damaged, so train again"
+        )
+    return config, vocab
 
 
 def check_format(meta: Any, where: Any) -> None:
@@ -154,14 +207,13 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
             f"{VOCAB_FILE} is missing; pass the --out folder of a "
             "`jaxlstm train` run"
         )
-    config = Config.load(config_path)
-    vocab = Vocab.from_json(vocab_path.read_text("utf-8"), str(vocab_path))
+    config, vocab = read_run_files(run_dir)
     if not ckpt_dir.is_dir():
         raise InputError(
             f"{str(run_dir)!r} contains no checkpoint yet; train until the "
             "first save (--save-every) or to the end"
         )
-    with open_manager(run_dir) as manager:
+    with open_manager(run_dir, read_only=True) as manager:
         steps = manager.all_steps()
         if not steps:
             raise InputError(
@@ -179,13 +231,16 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
         abstract = jax.eval_shape(
             lambda key: init_params(model, key), jax.random.key(0)
         )
-        meta = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
-        check_format(meta, manager.directory / str(step))
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)),
-        )
+        with damaged_checkpoint_errors(manager.directory / str(step)):
+            meta = manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+            check_format(meta, manager.directory / str(step))
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract)
+                ),
+            )
     logger.info("loaded %s at step %d", run_dir, step)
     return TrainedRun(config, vocab, restored["params"], step)

@@ -60,6 +60,23 @@ def device_count(text: str) -> int | None:
     return positive_int(text)
 
 
+def seed(text: str) -> int:
+    """Parse a seed: an integer from 0 to 2**32 - 1."""
+    value = count(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(
+            f"expected a value below 2**32 = {2**32}, got {text!r}"
+        )
+    return value
+
+
+def nonempty(text: str) -> str:
+    """Parse a string that must not be empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got ''")
+    return text
+
+
 def fraction(text: str) -> float:
     """Parse a number strictly between 0 and 1."""
     value = _number(float, None, strict=False)(text)
@@ -82,13 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train LSTM language models in JAX and generate text.",
     )
     parser.add_argument("--version", action="version", version=__version__)
+    # -v is accepted before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log every interval and library warnings",
+    )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log every interval"
+        "-v", "--verbose", action="store_true", help=argparse.SUPPRESS
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
         "train",
+        parents=[common],
         help="train a model and write a run folder",
         description="Train a word or character LSTM language model.",
     )
@@ -99,14 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         "preset of the run being resumed)",
     )
     source = train.add_argument_group("corpus")
-    source.add_argument(
+    where = source.add_mutually_exclusive_group()
+    where.add_argument(
         "--text",
         metavar="FILE",
         help="train on this UTF-8 text file instead of the default corpus "
         "(Project Gutenberg's Complete Works of Shakespeare, downloaded once)",
     )
-    source.add_argument(
+    where.add_argument(
         "--url",
+        type=nonempty,
         help="download the corpus from this URL instead (a plain UTF-8 "
         "text; Project Gutenberg licence lines are cut off)",
     )
@@ -180,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         help="steps between loss reports (default: 10)",
     )
-    opt.add_argument("--seed", type=count, help="random seed (default: 0)")
+    opt.add_argument("--seed", type=seed, help="random seed (default: 0)")
     opt.add_argument(
         "--devices",
         type=device_count,
@@ -204,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser(
         "sample",
+        parents=[common],
         help="continue prime texts with a trained run",
         description="Continue prime texts with a trained model.",
     )
@@ -234,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="sample among the K most likely tokens; 0 keeps all (default)",
     )
-    sample.add_argument("--seed", type=count, default=0, help="random seed")
+    sample.add_argument(
+        "--seed", type=seed, default=0, help="random seed for sampling"
+    )
     sample.add_argument(
         "--step", type=positive_int, help="checkpoint step (default: newest)"
     )
@@ -250,6 +282,10 @@ def _setup_logging(verbose: bool) -> None:
     for old in [h for h in root.handlers if isinstance(h, _CliHandler)]:
         root.removeHandler(old)  # bound to an earlier call's stderr
     handler = _CliHandler(sys.stderr)
+    if not verbose:
+        # Orbax and TensorStore log failed reads and saves with tracebacks
+        # from background threads; jaxlstm reports them in one line.
+        handler.addFilter(lambda record: record.name.startswith("jaxlstm"))
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
     )
@@ -349,6 +385,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     settings = SampleSettings(args.temperature, args.top_k, args.seed)
     check_settings(settings)
+    if args.top_k and not args.temperature:
+        logger.warning("--top-k has no effect when --temperature is 0 (greedy)")
     run = load_run(args.run_dir, args.step)
     num = args.num if args.num is not None else run.config.train.sample_tokens
     primes = args.prime or list(LESSON_PRIMES)
@@ -381,5 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxlstm: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("jaxlstm: interrupted", file=sys.stderr)
+        print("\njaxlstm: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        # XLA reports an allocation larger than memory as RESOURCE_EXHAUSTED.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        print(
+            "jaxlstm: error: out of memory "
+            f"({str(error).splitlines()[0][:160]}); pass smaller sizes such "
+            "as --hidden, --batch-size, --seq-len or --num",
+            file=sys.stderr,
+        )
+        return 1

@@ -102,17 +102,19 @@ class Config:
         try:
             train = dict(body["train"])
             train["primes"] = tuple(train.get("primes", LESSON_PRIMES))
-            return cls(
+            config = cls(
                 data=DataConfig(**body["data"]),
                 model=ModelConfig(**body["model"]),
                 train=TrainConfig(**train),
                 preset=body.get("preset", "custom"),
             )
+            validate(config)
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(
                 f"{source} is damaged ({type(error).__name__}: {error}); "
                 "retrain to write it again"
             ) from None
+        return config
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON to `path`."""
@@ -159,6 +161,8 @@ RESUMABLE_CHANGES = frozenset(
 
 def flag_name(field: str) -> str:
     """Return the command-line flag that sets a config field."""
+    if field == "level":
+        return "--preset"  # the presets set the token level
     return "--" + field.replace("_", "-")
 
 
@@ -226,7 +230,9 @@ def override(config: Config, **changes: Any) -> Config:
 
 
 def _require_positive(name: str, value: float, flag: str) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value)):
+    if isinstance(value, bool) or not (
+        isinstance(value, int | float) and math.isfinite(value)
+    ):
         raise InputError(f"{name} must be a finite number, got {value!r}")
     if value <= 0:
         raise InputError(
@@ -271,6 +277,24 @@ def validate(config: Config) -> None:
         positives.append(("steps", train.steps, "--steps"))
     for name, value, flag in positives:
         _require_positive(name, value, flag)
+    integers = [
+        ("min_count", data.min_count),
+        ("embedding", model.embedding),
+        ("hidden", model.hidden),
+        ("layers", model.layers),
+        ("batch_size", train.batch_size),
+        ("seq_len", train.seq_len),
+        ("epochs", train.epochs),
+        ("seed", train.seed),
+        ("sample_tokens", train.sample_tokens),
+    ]
+    for name, value in integers:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= train.seed < 2**32:
+        raise InputError(
+            f"--seed must be from 0 to {2**32 - 1}, got {train.seed!r}"
+        )
     if train.sample_tokens < 0:
         raise InputError(
             f"sample length must be 0 or more, got {train.sample_tokens!r}"

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import re
-import string
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -56,11 +55,13 @@ _END_LINE = re.compile(
     re.IGNORECASE | re.MULTILINE | re.DOTALL,
 )
 
-# string.punctuation without the hyphen and the apostrophe, which the lesson
-# keeps inside words such as "o'er" and "self-substantial".
-_PUNCTUATION = re.compile(
-    "[" + re.escape(string.punctuation.replace("-", "").replace("'", "")) + "]"
-)
+# Everything but letters, digits, whitespace, the hyphen and the apostrophe:
+# the lesson removes string.punctuation except "-" and "'", which it keeps
+# inside words such as "o'er" and "self-substantial". Unicode punctuation
+# (curly quotes, dashes) and symbols are removed the same way, after
+# typographic apostrophes become "'". The underscore is punctuation too.
+_PUNCTUATION = re.compile(r"[^\w\s'-]|_")
+_APOSTROPHES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'"})
 
 
 def normalize_newlines(text: str) -> str:
@@ -76,6 +77,8 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
       InputError: if the path is missing, a folder, empty, or not decodable
         with `encoding`; the message names the byte offset of a bad byte.
     """
+    if not str(path):
+        raise InputError("--text is empty; pass the path of a text file")
     path = Path(path)
     if not path.exists():
         raise InputError(f"text file {str(path)!r} not found; check the path")
@@ -83,7 +86,13 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
         raise InputError(
             f"{str(path)!r} is a folder; pass a text file to --text"
         )
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InputError(
+            f"cannot read text file {str(path)!r}: {error.strerror}; check "
+            "its permissions"
+        ) from None
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as error:
@@ -131,16 +140,17 @@ def clean_text(text: str, mode: str) -> str:
 
     Args:
       text: text with normalised newlines.
-      mode: "lesson" lower-cases, replaces punctuation other than hyphen and
-        apostrophe with a space and collapses all whitespace, line ends
-        included, to single spaces, so a line end always separates two words.
+      mode: "lesson" lower-cases, replaces punctuation and symbols other than
+        hyphen and apostrophe with a space and collapses all whitespace, line
+        ends included, to single spaces. A line end thus always separates
+        two words.
         "none" returns the text unchanged.
     """
     if mode == "none":
         return text
     if mode != "lesson":
         raise InputError(f"clean mode must be 'lesson' or 'none', got {mode!r}")
-    text = _PUNCTUATION.sub(" ", text.lower())
+    text = _PUNCTUATION.sub(" ", text.lower().translate(_APOSTROPHES))
     return " ".join(text.split())
 
 
@@ -240,6 +250,13 @@ class Vocab:
                 f"{source} is damaged: it needs a list of token strings and a "
                 "level of 'word' or 'char'; retrain to write it again"
             )
+        bad = [t for t in tokens if not t or (level == "char" and len(t) != 1)]
+        if bad or len(set(tokens)) != len(tokens):
+            raise InputError(
+                f"{source} is damaged: its tokens must be distinct and "
+                f"non-empty{' single characters' if level == 'char' else ''};"
+                " retrain to write it again"
+            )
         return cls(tuple(tokens), level)
 
 
@@ -277,6 +294,12 @@ def prepare_corpus(
     n_val = min(max(n_val, 2), len(tokens) - 2)
     train_tokens = tokens[: len(tokens) - n_val]
     vocab = Vocab.build(train_tokens, level, min_count)
+    if vocab.size < 3:
+        raise InputError(
+            f"--min-count {min_count} keeps {vocab.size - 1} token(s) of the "
+            "training text; a model needs at least 2 besides the unknown "
+            "token, so pass a lower --min-count or a longer text"
+        )
     ids = vocab.encode(tokens)
     logger.info(
         "corpus: %d tokens (%d train, %d validation), vocabulary %d",

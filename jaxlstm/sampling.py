@@ -60,6 +60,11 @@ def choose_tokens(
     scaled = jnp.where(keep, logits, -jnp.inf) / jnp.where(
         temperature > 0, temperature, 1.0
     )
+    # Mask the unknown token again: an infinite temperature turns -inf
+    # into NaN.
+    scaled = (
+        jnp.where(jnp.isnan(scaled), -jnp.inf, scaled).at[:, 0].set(-jnp.inf)
+    )
     sampled = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
@@ -145,10 +150,13 @@ def encode_prime(text: str, vocab: Vocab, clean: str) -> tuple[str, np.ndarray]:
         )
     unknown = vocab.unknown_tokens(tokens)
     if unknown:
+        shown = ", ".join(repr(t[:30]) for t in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         logger.warning(
-            "prime %r: %s not in the vocabulary, fed as the unknown token",
-            text,
-            ", ".join(repr(t) for t in unknown),
+            "prime %r: %s%s not in the vocabulary, fed as the unknown token",
+            text if len(text) <= 60 else text[:57] + "...",
+            shown,
+            more,
         )
     return cleaned, vocab.encode(tokens)
 
@@ -161,8 +169,11 @@ def check_settings(settings: SampleSettings) -> None:
             f"--temperature must be a number of 0 or more, got {t!r}; "
             "0 picks the most likely token"
         )
-    if math.isinf(t):
-        raise InputError(f"--temperature must be finite, got {t!r}")
+    if not np.isfinite(np.float32(t)):
+        raise InputError(
+            f"--temperature {t!r} is too large for float32; pass a value "
+            "below 1e38 (values above about 100 already sample uniformly)"
+        )
     if settings.top_k < 0:
         raise InputError(
             f"--top-k must be 0 or more, got {settings.top_k!r}; 0 keeps "

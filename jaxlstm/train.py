@@ -176,14 +176,48 @@ def _check_vocab(run_dir: Path, vocab: Vocab) -> None:
         )
 
 
-def _clear_run_dir(run_dir: Path) -> None:
+PREVIOUS_DIR = ".previous-run"
+
+
+def _set_aside(run_dir: Path) -> Path | None:
+    """Move the files of a run being overwritten into a hidden folder.
+
+    They are deleted once the new run has saved its first checkpoint, and
+    put back if it fails before that, so a failed --overwrite loses nothing.
+
+    Returns:
+      The hidden folder, or None when there was nothing to move.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        present = [n for n in RUN_FILES if (run_dir / n).exists()]
+        if not present:
+            return None
+        aside = run_dir / PREVIOUS_DIR
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for name in present:
+            os.replace(run_dir / name, aside / name)
+    except OSError as error:
+        raise InputError(
+            f"cannot prepare the run folder {str(run_dir)!r}: "
+            f"{error.strerror}; pass another --out"
+        ) from None
+    return aside
+
+
+def _put_back(run_dir: Path, aside: Path) -> None:
     for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        new = run_dir / name
+        if new.is_dir():
+            shutil.rmtree(new)
+        elif new.exists():
+            new.unlink()
+        if (aside / name).exists():
+            os.replace(aside / name, new)
+    aside.rmdir()
+    logger.warning("the new run failed; the previous run is restored")
 
 
 def _read_metrics(path: Path, up_to: int) -> list[dict[str, Any]]:
@@ -298,6 +332,7 @@ class _Run:
         self.samples: list[str] = []
         self.mark = time.perf_counter()
         self.metrics_file = None
+        self.on_first_save: Callable[[], None] | None = None
 
     def restore_newest(self, manager) -> None:
         """Continue from the newest complete checkpoint, if there is one."""
@@ -415,7 +450,7 @@ class _Run:
             self.config.train.sample_tokens,
         )
         for sample in self.samples:
-            logger.info("sample: %s", sample)
+            logger.info("sample: %r", sample)
         self.mark = time.perf_counter()  # evaluation is not training time
 
     def save(self, manager) -> None:
@@ -456,12 +491,17 @@ class _Run:
                 "permissions, then run the same command to resume"
             ) from error
         self.saved_step = self.step
+        if self.on_first_save is not None:
+            self.on_first_save()
+            self.on_first_save = None
 
     def loop(self, manager, stop: _StopSignals) -> None:
         """Train from `self.step` to the total, saving and evaluating."""
         train_cfg = self.config.train
         num_windows = len(self.batches)
         while self.step < self.total_steps:
+            if stop.signum is not None:  # a signal before this step began
+                self.stop(manager, stop.signum)
             window = self.step % num_windows
             if window == 0:  # each epoch starts every row from zero state
                 self.carry = self.zero_carry
@@ -479,14 +519,25 @@ class _Run:
             if self.step % train_cfg.save_every == 0 or is_last:
                 self.save(manager)
             if stop.signum is not None:
-                if self.saved_step != self.step:
-                    self.save(manager)
-                raise TrainingStopped(
-                    f"training stopped by {signal.Signals(stop.signum).name} "
-                    f"after step {self.step}; the checkpoint is saved in "
-                    f"{self.run_dir}. Run the same command to resume",
-                    signum=stop.signum,
-                )
+                self.stop(manager, stop.signum)
+
+    def stop(self, manager, signum: int) -> None:
+        """Save the current step, unless saved, and raise TrainingStopped."""
+        name = signal.Signals(signum).name
+        if self.step == 0:
+            raise TrainingStopped(
+                f"training stopped by {name} before the first step; nothing "
+                "was saved",
+                signum=signum,
+            )
+        if self.saved_step != self.step:
+            self.save(manager)
+        raise TrainingStopped(
+            f"training stopped by {name} after step {self.step}; the "
+            f"checkpoint is saved in {self.run_dir}. Run the same command "
+            "to resume",
+            signum=signum,
+        )
 
 
 def select_devices(count: int | None) -> list[jax.Device]:
@@ -539,8 +590,23 @@ def train(
       TrainingStopped: after SIGINT or SIGTERM.
     """
     validate(config)
+    # Signals are caught from the start, so an early Ctrl-C is never lost.
+    with _StopSignals() as stop:
+        return _train(
+            config, text, Path(run_dir), overwrite, progress, devices, stop
+        )
+
+
+def _train(
+    config: Config,
+    text: str,
+    run_dir: Path,
+    overwrite: bool,
+    progress: ProgressFn | None,
+    devices: int | None,
+    stop: _StopSignals,
+) -> RunSummary:
     started = time.perf_counter()
-    run_dir = Path(run_dir)
     resuming = _check_run_dir(run_dir, config, overwrite)
     data = config.data
     corpus = prepare_corpus(
@@ -551,8 +617,11 @@ def train(
     devices = select_devices(devices)
     # Checks the text length and the batch size against the device count.
     run = _Run(config, corpus, run_dir, progress, devices)
+    aside = None
     if not resuming:
-        _clear_run_dir(run_dir)
+        aside = _set_aside(run_dir)
+        if aside is not None:
+            run.on_first_save = lambda: shutil.rmtree(aside)
         _write_atomic(run_dir / checkpoint.VOCAB_FILE, corpus.vocab.to_json())
     _write_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_json())
 
@@ -575,10 +644,7 @@ def train(
     logger.info("unigram baseline: %.4f nats per token", baseline)
 
     try:
-        with (
-            checkpoint.open_manager(run_dir, config.train.keep) as manager,
-            _StopSignals() as stop,
-        ):
+        with checkpoint.open_manager(run_dir, config.train.keep) as manager:
             if resuming:
                 run.restore_newest(manager)
             resumed_from = run.step
@@ -595,7 +661,15 @@ def train(
                 run.loop(manager, stop)
             finally:
                 run.metrics_file.close()
-    except Exception as error:
+                if run.records:
+                    plot_losses(
+                        run.records,
+                        run_dir / PLOT_FILE,
+                        f"jaxlstm {config.preset} model",
+                    )
+    except BaseException as error:
+        if aside is not None and run.on_first_save is not None:
+            _put_back(run_dir, aside)
         # After a failed save, closing the manager raises the save's error
         # again; the error that explains it is the one already in flight.
         cause = error.__context__
@@ -605,9 +679,6 @@ def train(
             raise cause from None
         raise
 
-    plot_losses(
-        run.records, run_dir / PLOT_FILE, f"jaxlstm {config.preset} model"
-    )
     return RunSummary(
         steps=run.step,
         resumed_from=resumed_from,

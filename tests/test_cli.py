@@ -249,3 +249,36 @@ def test_nonfinite_loss_stops_without_checkpoint(shakespeare, tmp_path, capsys):
     for step in saved:
         params = load_run(out, step).params
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_seed_beyond_32_bits_rejected(capsys):
+    line = one_line_error(capsys, ["train", "--seed", str(2**32)])
+    assert "--seed" in line
+
+
+def test_min_count_keeping_nothing(shakespeare, capsys, tmp_path):
+    argv = ["train", "--preset", "word", "--text", str(shakespeare)]
+    argv += ["--min-count", "1000000", "--out", str(tmp_path / "run")]
+    line = one_line_error(capsys, argv)
+    assert "--min-count 1000000 keeps 0 token(s)" in line
+
+
+def test_empty_text_path_rejected(capsys):
+    assert "--text is empty" in one_line_error(capsys, ["train", "--text", ""])
+
+
+def test_text_and_url_exclusive(capsys):
+    argv = ["train", "--text", "a.txt", "--url", "http://127.0.0.1:9/x"]
+    assert "not allowed with" in one_line_error(capsys, argv)
+
+
+def test_huge_temperature_rejected(char_run, capsys):
+    line = one_line_error(
+        capsys, ["sample", str(char_run), "--temperature", "1e300"]
+    )
+    assert "too large for float32" in line
+
+
+def test_verbose_after_subcommand(char_run, capsys):
+    assert main(["sample", str(char_run), "-v", "--num", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3

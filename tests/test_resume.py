@@ -285,3 +285,54 @@ def test_sample_uses_newest_or_step(straight, capsys):
     assert capsys.readouterr().out == newest
     steps = sorted(int(p.name) for p in (straight / "checkpoints").iterdir())
     assert steps == [20, 25, 30]  # the newest --keep 3 are kept
+
+
+def test_failed_overwrite_restores_run(straight, shakespeare, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = (run / "metrics.jsonl").read_text()
+    argv = train_argv(shakespeare, run, "--steps", "20", "--overwrite")
+    assert main([*argv, "--lr", "1e30"]) == 1
+    assert "became nan" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    assert load_run(run).step == TOTAL
+    assert not (run / ".previous-run").exists()
+
+
+def test_overwrite_replaces_after_first_save(straight, shakespeare, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    argv = train_argv(shakespeare, run, "--steps", "6", "--overwrite")
+    assert main(argv) == 0
+    assert load_run(run).step == 6
+    assert sorted(train_losses(run)) == list(range(1, 7))
+    assert not (run / ".previous-run").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["extra-token", "hidden", "no-params", "empty-step", "level"],
+)
+def test_damaged_run_one_line_error(straight, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    vocab = json.loads((run / "vocab.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    if damage == "extra-token":
+        vocab["tokens"].append("#")
+        (run / "vocab.json").write_text(json.dumps(vocab))
+    elif damage == "hidden":
+        config["model"]["hidden"] = 32
+        (run / "config.json").write_text(json.dumps(config))
+    elif damage == "no-params":
+        shutil.rmtree(run / "checkpoints" / "30" / "params")
+    elif damage == "empty-step":
+        (run / "checkpoints" / "999").mkdir()
+    elif damage == "level":
+        vocab["level"] = "word"
+        (run / "vocab.json").write_text(json.dumps(vocab))
+    assert main(["sample", str(run), "--num", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("jaxlstm: error: ")
+    assert len(err.strip().splitlines()) == 1

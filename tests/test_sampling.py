@@ -203,3 +203,9 @@ def test_negative_top_k_rejected(word_model):
             3,
             SampleSettings(temperature=1.0, top_k=-1),
         )
+
+
+def test_infinite_temperature_never_unknown():
+    logits = jnp.asarray([[50.0, 1.0, 2.0, 0.5]] * 32)
+    sampled = choose_tokens(logits, jax.random.key(0), jnp.inf, 0)
+    assert 0 not in sampled.tolist()
