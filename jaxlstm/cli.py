@@ -217,6 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="local devices to train on data-parallel, 'all' or a number "
         "(default: all)",
     )
+    hosts = train.add_argument_group(
+        "multiple hosts",
+        "Start one process per host; each trains on its local devices.",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join JAX's multi-process runtime, configured by the "
+        "environment (TPU pod slices, SLURM, Open MPI)",
+    )
+    hosts.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordination service; implies "
+        "--distributed and needs --num-processes and --process-id",
+    )
+    hosts.add_argument(
+        "--num-processes", type=positive_int, help="processes in the run"
+    )
+    hosts.add_argument(
+        "--process-id", type=count, help="this process's index, from 0"
+    )
     train.add_argument(
         "--out",
         metavar="DIR",
@@ -300,10 +322,45 @@ def _setup_logging(verbose: bool) -> None:
         )
 
 
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Join JAX's multi-process runtime if `args` ask; True if joined."""
+    if args.coordinator is None and not args.distributed:
+        return False
+    import jax
+
+    from jaxlstm.errors import InputError
+
+    # CPU devices need a collectives library for cross-process pmap.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator is None:
+        jax.distributed.initialize()
+    else:
+        if args.num_processes is None or args.process_id is None:
+            raise InputError(
+                "--coordinator needs --num-processes and --process-id"
+            )
+        if args.process_id >= args.num_processes:
+            raise InputError(
+                f"--process-id {args.process_id} must be below "
+                f"--num-processes {args.num_processes}"
+            )
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    if jax.process_index() != 0:
+        logger.setLevel(logging.WARNING)  # process 0 reports for all
+        args.no_progress = True
+    return True
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train with the settings in `args` and print a summary."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    distributed = _start_distributed(args)
 
     from jaxlstm.data import load_text
     from jaxlstm.train import train
@@ -361,6 +418,11 @@ def run_train(args: argparse.Namespace) -> int:
         )
         if bar is not None:
             bar.close()
+    if distributed:
+        import jax
+
+        if jax.process_index() != 0:
+            return 0
     print(f"run folder: {out}")
     if summary.resumed_from:
         print(f"resumed from step {summary.resumed_from}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlstm import checkpoint
 from jaxlstm.config import Config, resume_differences, validate
@@ -333,6 +334,10 @@ class _Run:
         self.mark = time.perf_counter()
         self.metrics_file = None
         self.on_first_save: Callable[[], None] | None = None
+        # Under several processes, process 0 alone writes files and logs.
+        self.primary = jax.process_index() == 0
+        if not self.primary:
+            self.progress = None
 
     def restore_newest(self, manager) -> None:
         """Continue from the newest complete checkpoint, if there is one."""
@@ -349,8 +354,15 @@ class _Run:
             ),
             "key": jax.eval_shape(lambda: jax.random.key_data(self.key)),
         }
+        targets = (abstract.params, abstract.opt_state, training)
+        if jax.process_count() > 1:
+            # Several processes restore host copies; Orbax restores numpy
+            # leaves on every process without a global sharding.
+            targets = jax.tree.map(
+                lambda x: np.zeros(x.shape, x.dtype), targets
+            )
         params, opt_state, training, _ = checkpoint.restore(
-            manager, step, abstract.params, abstract.opt_state, training
+            manager, step, *targets
         )
         # A checkpoint holds one copy of everything and the carry of all
         # rows in order, so it restores onto any number of devices.
@@ -367,21 +379,28 @@ class _Run:
         return {
             "step": self.placement.unreplicate(self.state.step),
             "carry": self.placement.unshard(self.carry),
-            "key": jax.random.key_data(self.key),
+            "key": np.asarray(jax.random.key_data(self.key)),
         }
 
     def open_metrics(self, resumed: bool) -> None:
         path = self.run_dir / METRICS_FILE
         self.records = _read_metrics(path, self.step) if resumed else []
+        if not self.primary:
+            return
         # Lines logged after the checkpoint are dropped: the resumed run
         # computes those steps again, with the same values.
         _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.metrics_file = open(path, "a", encoding="utf-8")
 
+    def close_metrics(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
 
     def flush(self) -> None:
         """Read back and record the losses of the steps since the last call.
@@ -441,6 +460,8 @@ class _Run:
             scores["val_perplexity"],
             extra,
         )
+        if not self.primary:
+            return  # samples are logged by process 0 only
         self.samples = generate_text(
             self.model,
             self.placement.unreplicate(self.state.params),
@@ -549,6 +570,11 @@ def select_devices(count: int | None) -> list[jax.Device]:
     available = jax.local_devices()
     if count is None:
         return available
+    if jax.process_count() > 1 and count != len(available):
+        raise InputError(
+            f"--devices {count} is not supported with several processes: "
+            "each process trains on all its local devices; pass --devices all"
+        )
     if not 1 <= count <= len(available):
         raise InputError(
             f"--devices {count} is not available: this machine has "
@@ -618,12 +644,18 @@ def _train(
     # Checks the text length and the batch size against the device count.
     run = _Run(config, corpus, run_dir, progress, devices)
     aside = None
-    if not resuming:
-        aside = _set_aside(run_dir)
-        if aside is not None:
-            run.on_first_save = lambda: shutil.rmtree(aside)
-        _write_atomic(run_dir / checkpoint.VOCAB_FILE, corpus.vocab.to_json())
-    _write_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_json())
+    if run.primary:
+        if not resuming:
+            aside = _set_aside(run_dir)
+            if aside is not None:
+                run.on_first_save = lambda: shutil.rmtree(aside)
+            _write_atomic(
+                run_dir / checkpoint.VOCAB_FILE, corpus.vocab.to_json()
+            )
+        _write_atomic(run_dir / checkpoint.CONFIG_FILE, config.to_json())
+    if jax.process_count() > 1:
+        # Every process has read the folder; now all see it prepared.
+        multihost_utils.sync_global_devices("jaxlstm: run folder ready")
 
     baseline = unigram_loss(corpus)
     logger.info(
@@ -660,8 +692,8 @@ def _train(
                     run.run_eval(record=False)
                 run.loop(manager, stop)
             finally:
-                run.metrics_file.close()
-                if run.records:
+                run.close_metrics()
+                if run.records and run.primary:
                     plot_losses(
                         run.records,
                         run_dir / PLOT_FILE,

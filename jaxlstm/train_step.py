@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from jaxlstm.config import TrainConfig
 from jaxlstm.data import Batch
@@ -160,22 +161,35 @@ class Placement:
     d * rows_per_device .. (d + 1) * rows_per_device - 1 and the carried
     state of exactly those rows. Gradients and the loss are averaged with
     `jax.lax.pmean`; evaluation sums are added with `jax.lax.psum`.
+
+    Under JAX's multi-process runtime, process p feeds its local devices
+    rows p * rows_per_process .. (p + 1) * rows_per_process - 1, and the
+    collectives span the devices of every process.
     """
 
     AXIS = "devices"
 
     def __init__(self, devices: Sequence[jax.Device], batch_size: int):
         self.devices = list(devices)
-        count = len(self.devices)
+        self.processes = jax.process_count()
+        self.process = jax.process_index()
+        count = len(self.devices) * self.processes
         if batch_size % count:
             sizes = " or ".join(
                 str(s) for s in nearest_divisible(batch_size, count)
             )
+            where = (
+                f"{count} devices ({self.processes} processes x "
+                f"{len(self.devices)})"
+                if self.processes > 1
+                else f"{count} devices"
+            )
             raise InputError(
                 f"--batch-size {batch_size} does not divide evenly across "
-                f"{count} devices; pass --batch-size {sizes} (multiples of "
+                f"{where}; pass --batch-size {sizes} (multiples of "
                 f"{count}), or fewer --devices"
             )
+        self.rows = batch_size // self.processes  # rows this process feeds
         self.parallel = count > 1
         if not self.parallel:
             self.train_step, self.eval_step = train_step, eval_step
@@ -184,15 +198,18 @@ class Placement:
         self._sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(self.AXIS)
         )
+        # Under several processes, pmap must span the devices of all of
+        # them (its default), so that pmean and psum reach every process.
+        pmap_devices = self.devices if self.processes == 1 else None
         self.train_step = jax.pmap(
             functools.partial(_train_step, axis_name=self.AXIS),
             axis_name=self.AXIS,
-            devices=self.devices,
+            devices=pmap_devices,
         )
         self.eval_step = jax.pmap(
             functools.partial(_eval_step, axis_name=self.AXIS),
             axis_name=self.AXIS,
-            devices=self.devices,
+            devices=pmap_devices,
         )
 
     def _put(self, x: Any) -> jax.Array:
@@ -217,21 +234,36 @@ class Placement:
         return jax.tree.map(lambda x: np.asarray(x[0]), tree)
 
     def shard(self, tree: Any) -> Any:
-        """Split the leading batch axis of every leaf across the devices."""
+        """Split the leading batch axis of every leaf across the devices.
+
+        Each leaf holds all rows of the batch; this process keeps its own.
+        """
         if not self.parallel:
             return tree
         count = len(self.devices)
-        return jax.tree.map(
-            lambda x: self._put(
-                np.reshape(np.asarray(x), (count, -1, *np.shape(x)[1:]))
-            ),
-            tree,
-        )
+        lo = self.process * self.rows
+
+        def put(x):
+            rows = np.asarray(x)[lo : lo + self.rows]
+            return self._put(np.reshape(rows, (count, -1, *rows.shape[1:])))
+
+        return jax.tree.map(put, tree)
 
     def unshard(self, tree: Any) -> Any:
-        """Join the device axis back into the batch axis, rows in order."""
+        """Join the device axis back into the batch axis, rows in order.
+
+        Under several processes, the rows of every process are gathered, so
+        each returns all rows of the batch.
+        """
         if not self.parallel:
             return tree
-        return jax.tree.map(
-            lambda x: np.reshape(np.asarray(x), (-1, *np.shape(x)[2:])), tree
-        )
+
+        def join(x):
+            local = np.asarray(x)
+            local = np.reshape(local, (-1, *local.shape[2:]))
+            if self.processes == 1:
+                return local
+            gathered = multihost_utils.process_allgather(local)
+            return np.reshape(gathered, (-1, *local.shape[1:]))
+
+        return jax.tree.map(join, tree)

@@ -7,6 +7,7 @@ because the flag only takes effect before JAX is imported.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -173,5 +174,51 @@ def test_save_four_sample_one_resume_two(runs, shakespeare, tmp_path):
     assert straight.returncode == 0, straight.stderr
     want, got = losses(tmp_path / "straight"), losses(run)
     for step in range(21, 31):
+        key = ("train_loss", step)
+        assert got[key] == pytest.approx(want[key], rel=TOLERANCE), step
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one(runs, shakespeare, tmp_path):
+    # Two processes on 127.0.0.1 under jax.distributed, 2 fake CPU devices
+    # each, with Gloo collectives: 10 steps, compared with one device.
+    out = tmp_path / "run"
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    argv = [
+        sys.executable, "-m", "jaxlstm", "train", "--text", str(shakespeare),
+        "--out", str(out), *SMALL, "--steps", "10",
+        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+    ]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [*argv, "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=300))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+    assert "2 cpu device(s)" in outputs[0][1]
+    assert "run folder:" in outputs[0][0]
+    assert "run folder:" not in outputs[1][0]  # process 0 reports for all
+    want, got = losses(runs / "devices1"), losses(out)
+    for step in range(1, 11):
         key = ("train_loss", step)
         assert got[key] == pytest.approx(want[key], rel=TOLERANCE), step
