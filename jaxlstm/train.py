@@ -2,7 +2,7 @@
 
 `train` starts a run in an empty folder, or continues the run already in
 the folder from its newest complete checkpoint. A resumed run repeats the
-uninterrupted one exactly: the checkpoint holds the parameters, the
+uninterrupted one exactly: the checkpoint contains the parameters, the
 optimiser state, the carried LSTM state of every batch row and the PRNG key,
 and the position in the data follows from the step, because the batches of
 an epoch are always taken in the same order.
@@ -61,7 +61,7 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 @dataclasses.dataclass
 class RunSummary:
-    """What a finished training run reached."""
+    """Figures of a finished training run."""
 
     steps: int
     resumed_from: int  # step of the checkpoint the run continued; 0 if none
@@ -364,7 +364,7 @@ class _Run:
         params, opt_state, training, _ = checkpoint.restore(
             manager, step, *targets
         )
-        # A checkpoint holds one copy of everything and the carry of all
+        # A checkpoint contains one copy of everything and the carry of all
         # rows in order, so it restores onto any number of devices.
         state = self.placement.unreplicate(self.state).replace(
             step=training["step"], params=params, opt_state=opt_state

@@ -84,7 +84,7 @@ def _train_step(
         state.params
     )
     if axis_name is not None:
-        # Every device holds the same number of rows and tokens, so the mean
+        # Every device has the same number of rows and tokens, so the mean
         # of the per-device means is the mean over the whole batch.
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
@@ -236,7 +236,8 @@ class Placement:
     def shard(self, tree: Any) -> Any:
         """Split the leading batch axis of every leaf across the devices.
 
-        Each leaf holds all rows of the batch; this process keeps its own.
+        Each leaf contains all rows of the batch; this process keeps its
+        own.
         """
         if not self.parallel:
             return tree
