@@ -221,8 +221,14 @@ def _put_back(run_dir: Path, aside: Path) -> None:
     logger.warning("the new run failed; the previous run is restored")
 
 
-def _read_metrics(path: Path, up_to: int) -> list[dict[str, Any]]:
-    """Read the metric records of steps up to `up_to` from a resumed run."""
+def read_metrics(
+    run_dir: str | Path, up_to: float = math.inf
+) -> list[dict[str, Any]]:
+    """Read the records of a run's metrics.jsonl, of steps up to `up_to`."""
+    return _read_metrics(Path(run_dir) / METRICS_FILE, up_to)
+
+
+def _read_metrics(path: Path, up_to: float) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []

@@ -151,6 +151,17 @@ def nearest_divisible(batch_size: int, count: int) -> list[int]:
     return sizes
 
 
+def fit_batch_size(batch_size: int, count: int) -> int:
+    """Return `batch_size` rounded to the nearest multiple of `count`.
+
+    Ties round down, and the result is at least `count`.
+    """
+    sizes = nearest_divisible(batch_size, count)
+    if batch_size % count == 0:
+        return batch_size
+    return min(sizes, key=lambda s: (abs(s - batch_size), s))
+
+
 class Placement:
     """Where a run's arrays live and which compiled steps move them.
 
