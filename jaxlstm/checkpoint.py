@@ -40,12 +40,17 @@ def open_manager(
     run_dir: str | Path, keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """Open the checkpoint manager of a run folder; use it as a context."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=not read_only,
-        cleanup_tmp_directories=not read_only,
-        read_only=read_only,
-    )
+    if read_only:
+        options = ocp.CheckpointManagerOptions(
+            read_only=True,
+            create=False,
+            save_interval_steps=0,
+            max_to_keep=None,
+        )
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        )
     path = (Path(run_dir) / CHECKPOINT_DIR).absolute()
     return ocp.CheckpointManager(path, options=options)
 
