@@ -247,6 +247,11 @@ class _StopSignals:
 
     The first signal sets `signum` and restores the previous handlers, so a
     second one stops the program at once, without a checkpoint.
+
+    NOTE: under several processes each one stops on its own signal, so a
+    signal must reach all of them (as a pod preemption does); a process left
+    running waits in the next collective. Agreeing on a stop step through a
+    collective would remove that need.
     """
 
     def __init__(self):
