@@ -8,6 +8,7 @@ This is the only module that reads command-line arguments. Examples:
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from jaxlstm import __version__
 from jaxlstm.config import CONFIG_FILE, LESSON_PRIMES, PRESETS, Config, override
-from jaxlstm.errors import JaxlstmError, TrainingStopped
+from jaxlstm.errors import InputError, JaxlstmError, TrainingStopped
 
 logger = logging.getLogger("jaxlstm")
 
@@ -57,7 +58,12 @@ def device_count(text: str) -> int | None:
     """Parse `all` (None) or a positive number of devices."""
     if text == "all":
         return None
-    return positive_int(text)
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a positive integer, got {text!r}"
+        ) from None
 
 
 def seed(text: str) -> int:
@@ -325,10 +331,14 @@ def _setup_logging(verbose: bool) -> None:
 def _start_distributed(args: argparse.Namespace) -> bool:
     """Join JAX's multi-process runtime if `args` ask; True if joined."""
     if args.coordinator is None and not args.distributed:
+        if args.num_processes is not None or args.process_id is not None:
+            raise InputError(
+                "--num-processes and --process-id need --coordinator "
+                "HOST:PORT (or use --distributed where the environment "
+                "configures the processes)"
+            )
         return False
     import jax
-
-    from jaxlstm.errors import InputError
 
     # CPU devices need a collectives library for cross-process pmap.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -391,6 +401,11 @@ def run_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         seed=args.seed,
     )
+    if args.epochs is not None and args.steps is None:
+        # --epochs alone sets the length, also over a resumed run's --steps.
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, steps=None)
+        )
     text = load_text(args.text, args.encoding, args.cache_dir, args.url)
 
     bar = None
@@ -426,10 +441,10 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"run folder: {out}")
     if summary.resumed_from:
         print(f"resumed from step {summary.resumed_from}")
-    print(
-        f"steps: {summary.steps}, time: {summary.seconds:.0f} s, "
-        f"final training loss: {summary.train_loss:.4f}"
-    )
+    line = f"steps: {summary.steps}, time: {summary.seconds:.0f} s"
+    if math.isfinite(summary.train_loss):
+        line += f", final training loss: {summary.train_loss:.4f}"
+    print(line)
     print(
         f"validation loss: {summary.val_loss:.4f} nats per token "
         f"(perplexity {summary.val_perplexity:.2f}; unigram baseline "

@@ -184,8 +184,8 @@ def resume_differences(saved: Config, requested: Config) -> list[str]:
         old, new = getattr(saved, group), getattr(requested, group)
         for field in dataclasses.fields(old):
             name = field.name
-            if name in RESUMABLE_CHANGES:
-                continue
+            if name in RESUMABLE_CHANGES or name == "level":
+                continue  # the level follows the preset, compared above
             a, b = getattr(old, name), getattr(new, name)
             if a != b:
                 differences.append(

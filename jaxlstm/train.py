@@ -65,7 +65,7 @@ class RunSummary:
 
     steps: int
     resumed_from: int  # step of the checkpoint the run continued; 0 if none
-    train_loss: float  # mean over the last log interval, nats per token
+    train_loss: float  # mean of the last --log-every steps, nats per token
     val_loss: float  # nats per token over the whole validation split
     val_perplexity: float
     unigram_loss: float  # validation loss of the training unigram frequencies
@@ -144,7 +144,7 @@ def _check_run_dir(run_dir: Path, config: Config, overwrite: bool) -> bool:
             f"--out {str(run_dir)!r} is a file; pass a folder for the run"
         )
     config_path = run_dir / checkpoint.CONFIG_FILE
-    if overwrite or not run_dir.exists():
+    if not run_dir.exists():
         return False
     if not config_path.exists():
         others = sorted(p.name for p in run_dir.iterdir())
@@ -154,6 +154,8 @@ def _check_run_dir(run_dir: Path, config: Config, overwrite: bool) -> bool:
                 f"empty (it contains {', '.join(others[:3])}); pass a new or "
                 "empty folder"
             )
+        return False
+    if overwrite:
         return False
     saved = Config.load(config_path)
     differences = resume_differences(saved, config)
@@ -572,6 +574,12 @@ class _Run:
         )
 
 
+def _recent_mean(records: list[dict[str, Any]], count: int) -> float:
+    """Mean training loss of the last `count` steps logged, NaN if none."""
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    return float(np.mean(losses[-count:])) if losses else float("nan")
+
+
 def select_devices(count: int | None) -> list[jax.Device]:
     """Return the first `count` local devices, or all of them for None.
 
@@ -725,7 +733,7 @@ def _train(
     return RunSummary(
         steps=run.step,
         resumed_from=resumed_from,
-        train_loss=run.train_loss,
+        train_loss=_recent_mean(run.records, config.train.log_every),
         val_loss=run.val_loss,
         val_perplexity=math.exp(min(run.val_loss, 700.0)),
         unigram_loss=baseline,

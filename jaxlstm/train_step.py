@@ -162,6 +162,14 @@ def fit_batch_size(batch_size: int, count: int) -> int:
     return min(sizes, key=lambda s: (abs(s - batch_size), s))
 
 
+def _blocking(step):
+    @functools.wraps(step)
+    def run(*args):
+        return jax.block_until_ready(step(*args))
+
+    return run
+
+
 class Placement:
     """Where a run's arrays live and which compiled steps move them.
 
@@ -222,6 +230,12 @@ class Placement:
             axis_name=self.AXIS,
             devices=pmap_devices,
         )
+        if self.processes > 1:
+            # NOTE: with Gloo collectives on CPU, steps dispatched ahead
+            # of each other hung two processes at random; waiting for each
+            # step avoids it at some cost in speed. Untested on TPU or GPU.
+            self.train_step = _blocking(self.train_step)
+            self.eval_step = _blocking(self.eval_step)
 
     def _put(self, x: Any) -> jax.Array:
         return jax.device_put(x, self._sharding)

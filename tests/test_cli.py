@@ -282,3 +282,8 @@ def test_huge_temperature_rejected(char_run, capsys):
 def test_verbose_after_subcommand(char_run, capsys):
     assert main(["sample", str(char_run), "-v", "--num", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_process_flags_need_coordinator(capsys):
+    argv = ["train", "--num-processes", "2", "--process-id", "0"]
+    assert "need --coordinator" in one_line_error(capsys, argv)

@@ -186,13 +186,14 @@ def free_port():
 
 def test_two_processes_match_one(runs, shakespeare, tmp_path):
     # Two processes on 127.0.0.1 under jax.distributed, 2 fake CPU devices
-    # each, with Gloo collectives: 10 steps, compared with one device.
+    # each, with Gloo collectives: 20 steps with an evaluation and a save
+    # midway, compared with one device.
     out = tmp_path / "run"
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     argv = [
         sys.executable, "-m", "jaxlstm", "train", "--text", str(shakespeare),
-        "--out", str(out), *SMALL, "--steps", "10",
+        "--out", str(out), *SMALL, "--steps", "20",
         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
     ]  # fmt: skip
     processes = [
@@ -219,6 +220,10 @@ def test_two_processes_match_one(runs, shakespeare, tmp_path):
     assert "run folder:" in outputs[0][0]
     assert "run folder:" not in outputs[1][0]  # process 0 reports for all
     want, got = losses(runs / "devices1"), losses(out)
-    for step in range(1, 11):
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [
+        10,
+        20,
+    ]
+    for step in range(1, 21):
         key = ("train_loss", step)
         assert got[key] == pytest.approx(want[key], rel=TOLERANCE), step

@@ -336,3 +336,21 @@ def test_damaged_run_one_line_error(straight, tmp_path, capsys, damage):
     assert "Traceback" not in err
     assert err.startswith("jaxlstm: error: ")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_overwrite_keeps_foreign_folder(shakespeare, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = train_argv(shakespeare, tmp_path, "--steps", "2", "--overwrite")
+    assert main(argv) == 1
+    assert "not a jaxlstm run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_epochs_on_resume_replace_steps(straight, shakespeare, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    argv = ["train", "--text", str(shakespeare), "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--log-every", "50"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["steps"] is None
+    assert load_run(run).step > TOTAL  # one epoch is hundreds of steps
