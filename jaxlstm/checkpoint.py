@@ -101,10 +101,7 @@ def restore(
       InputError: if the checkpoint was written by a newer format.
     """
     with damaged_checkpoint_errors(manager.directory / str(step)):
-        meta = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
-        check_format(meta, manager.directory / str(step))
+        meta = restore_meta(manager, step)
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -164,6 +161,15 @@ def read_run_files(run_dir: Path) -> tuple[Config, Vocab]:
             "damaged, so train again"
         )
     return config, vocab
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """Read a step's JSON meta item and check its format version."""
+    meta = manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )["meta"]
+    check_format(meta, manager.directory / str(step))
+    return meta
 
 
 def check_format(meta: Any, where: Any) -> None:
@@ -237,10 +243,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
             lambda key: init_params(model, key), jax.random.key(0)
         )
         with damaged_checkpoint_errors(manager.directory / str(step)):
-            meta = manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )["meta"]
-            check_format(meta, manager.directory / str(step))
+            restore_meta(manager, step)
             restored = manager.restore(
                 step,
                 args=ocp.args.Composite(
