@@ -132,8 +132,9 @@ PRESETS: dict[str, Config] = {
     # embedding and LSTM, Adam 1e-3, clip 4.5, 100 streams x 50 steps.
     "word": Config(preset="word"),
     # The lesson's stacked character model: three LSTM layers with their own
-    # weights and Adam 5e-4. The lesson keeps every character it sees, so the
-    # minimum count is 0; longer samples, since a character carries less.
+    # weights and Adam 5e-4. The lesson keeps every character of the text,
+    # so the minimum count is 0. Samples are longer because a character
+    # carries less than a word.
     "char": Config(
         data=DataConfig(level="char", min_count=0),
         model=ModelConfig(layers=3),

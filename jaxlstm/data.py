@@ -268,11 +268,13 @@ class Corpus(NamedTuple):
     val_ids: np.ndarray  # <int32>[validation tokens]
 
 
-def split_stream(
-    ids: np.ndarray, val_fraction: float
-) -> tuple[np.ndarray, ...]:
-    """Split a token stream into its head (training) and last `val_fraction`."""
+def split_stream(ids: Sequence, val_fraction: float) -> tuple[Sequence, ...]:
+    """Split a token stream into its head (training) and last `val_fraction`.
+
+    Each part keeps at least 2 tokens, the least that has a next token.
+    """
     n_val = int(round(len(ids) * val_fraction))
+    n_val = min(max(n_val, 2), len(ids) - 2)
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 
@@ -290,9 +292,8 @@ def prepare_corpus(
             f"the text has {len(tokens)} tokens after cleaning; a corpus "
             "needs many thousands of tokens to train on"
         )
-    n_val = int(round(len(tokens) * val_fraction))
-    n_val = min(max(n_val, 2), len(tokens) - 2)
-    train_tokens = tokens[: len(tokens) - n_val]
+    train_tokens, val_tokens = split_stream(tokens, val_fraction)
+    n_val = len(val_tokens)
     vocab = Vocab.build(train_tokens, level, min_count)
     if vocab.size < 3:
         raise InputError(

@@ -251,7 +251,7 @@ class _StopSignals:
     second one stops the program at once, without a checkpoint.
 
     NOTE: under several processes each one stops on its own signal, so a
-    signal must reach all of them (as a pod preemption does); a process left
+    signal must reach all of them, as a pod preemption does. A process left
     running waits in the next collective. Agreeing on a stop step through a
     collective would remove that need.
     """

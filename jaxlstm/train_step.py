@@ -44,7 +44,7 @@ def create_train_state(
         params=params,
         tx=make_optimizer(config.lr, config.clip),
     )
-    # create() starts the step as a Python int, which jit sees as a weakly
+    # create() starts the step as a Python int, which jit treats as a weakly
     # typed scalar; after one step it is an int32 array. Start it as one so
     # the second step does not compile train_step again.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -171,7 +171,7 @@ def _blocking(step):
 
 
 class Placement:
-    """Where a run's arrays live and which compiled steps move them.
+    """The devices of a run's arrays and the compiled steps that use them.
 
     One device: `train_step` and `eval_step` under `jax.jit`, and the
     placement functions return their input. Several devices: the same steps
@@ -232,8 +232,8 @@ class Placement:
         )
         if self.processes > 1:
             # NOTE: with Gloo collectives on CPU, steps dispatched ahead
-            # of each other hung two processes at random; waiting for each
-            # step avoids it at some cost in speed. Untested on TPU or GPU.
+            # of each other hung two processes at random. Waiting for each
+            # step avoids that, at some cost in speed. Untested on TPU or GPU.
             self.train_step = _blocking(self.train_step)
             self.eval_step = _blocking(self.eval_step)
 

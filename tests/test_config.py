@@ -50,7 +50,7 @@ def test_preset_char_lesson_settings():
     assert config.data.level == "char"
     assert config.model.layers == 3
     assert config.train.lr == pytest.approx(5e-4)
-    # The lesson's character model keeps every character it sees.
+    # The lesson's character model keeps every character of the text.
     assert config.data.min_count == 0
     for (group, name), value in LESSON_SHARED.items():
         assert _setting(config, group, name) == value, f"{group}.{name}"
