@@ -13,6 +13,13 @@ h, c the previous hidden and cell state, all four gates read both x and h:
 
 The four gates share one input kernel `<float32>[input, 4 * hidden]` and one
 recurrent kernel `<float32>[hidden, 4 * hidden]`, in the order i, f, g, o.
+
+`LanguageModel` has two ways to compute the same thing. By default
+(`fused=True`) it runs time-major and takes its gradients from the
+hand-written rules in `jaxlstm.fused`; with `fused=False` it is the
+straightforward model, Flax's `nn.scan` over `LSTMCell.recur` and autodiff
+through everything, kept as the reference the fast path is tested against.
+Both have the same parameters, so a checkpoint of one loads into the other.
 """
 
 from typing import NamedTuple
@@ -20,8 +27,14 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxlstm.config import ModelConfig
+from jaxlstm.fused import (
+    linear_cross_entropy,
+    lstm_recurrence,
+    lstm_update,
+)
 
 # Starting the forget gate open keeps gradients flowing early in training, as
 # TensorFlow's BasicLSTMCell does with forget_bias=1.0 (Jozefowicz et al. 2015).
@@ -99,6 +112,33 @@ class LSTMCell(nn.Module):
         """Advance one step from layer inputs `<float32>[batch, input]`."""
         return self.recur(state, self.project(inputs))
 
+    def step(
+        self, state: LSTMState, inputs: jax.Array
+    ) -> tuple[LSTMState, jax.Array]:
+        """Advance one step like `__call__`, with one matrix product.
+
+        The input and recurrent kernels are stacked so that `[x, h]` meets
+        both in one product, which is faster for the few rows of generation.
+        """
+        kernel = jnp.concatenate([self.input_kernel, self.recurrent_kernel])
+        z = jnp.concatenate([inputs, state.h], axis=-1) @ kernel + self.bias
+        _, c, _, h = lstm_update(z, state.c)
+        return LSTMState(c, h), h
+
+    def run(
+        self, state: LSTMState, projected: jax.Array
+    ) -> tuple[LSTMState, jax.Array]:
+        """Run a window of time-major projected inputs `[time, batch, 4H]`.
+
+        Returns:
+          The state after the last step and the hidden states
+          `<float32>[time, batch, hidden]`.
+        """
+        hs, c, h = lstm_recurrence(
+            projected, self.recurrent_kernel, state.c, state.h
+        )
+        return LSTMState(c, h), hs
+
 
 def _scan_body(cell: LSTMCell, state: LSTMState, projected: jax.Array):
     return cell.recur(state, projected)
@@ -115,6 +155,23 @@ _scan_time = nn.scan(
 )
 
 
+def sequence_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Sum the weighted token cross-entropy of a window.
+
+    Args:
+      logits: `<float32>[batch, time, vocab]`.
+      targets: `<int32>[batch, time]` next-token ids.
+      weights: `<float32>[batch, time]`, 1 for scored tokens, 0 for padding.
+
+    Returns:
+      The summed loss in nats and the summed weights, both scalars.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
 class LanguageModel(nn.Module):
     """Embedding, `layers` LSTM layers with their own weights, dense logits."""
 
@@ -122,6 +179,9 @@ class LanguageModel(nn.Module):
     embedding: int = 128
     hidden: int = 128
     layers: int = 1
+    # Hand-written gradients and a time-major layout (jaxlstm.fused); False
+    # gives the straightforward reference model with the same parameters.
+    fused: bool = True
 
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.embedding)
@@ -143,28 +203,114 @@ class LanguageModel(nn.Module):
         Returns:
           `<float32>[batch, time, vocab]` logits and the carry at the end.
         """
-        x = self.embed(tokens)  # [B, T, E]
+        if not self.fused:
+            x = self.embed(tokens)  # [B, T, E]
+            new_carry = []
+            for cell, state in zip(self.cells, carry, strict=True):
+                projected = cell.project(x)  # [B, T, 4H], all steps at once
+                state, x = _scan_time(cell, state, projected)  # [B, T, H]
+                new_carry.append(state)
+            return self.output(x), tuple(new_carry)
+        hs, new_carry = self.hidden_states(tokens, carry)
+        return self.output(jnp.swapaxes(hs, 0, 1)), new_carry
+
+    def step(self, tokens: jax.Array, carry: Carry) -> tuple[jax.Array, Carry]:
+        """Advance every layer by one token.
+
+        Args:
+          tokens: `<int32>[batch]` token ids.
+          carry: the state of every layer before the token.
+
+        Returns:
+          `<float32>[batch, vocab]` logits and the carry after the token.
+        """
+        if not self.fused:
+            logits, carry = self(tokens[:, None], carry)
+            return logits[:, 0], carry
+        x = self.embed(tokens)  # [B, E]
         new_carry = []
         for cell, state in zip(self.cells, carry, strict=True):
-            projected = cell.project(x)  # [B, T, 4H], all steps at once
-            state, x = _scan_time(cell, state, projected)  # x: [B, T, H]
+            state, x = cell.step(state, x)
             new_carry.append(state)
         return self.output(x), tuple(new_carry)
+
+    def hidden_states(
+        self, tokens: jax.Array, carry: Carry
+    ) -> tuple[jax.Array, Carry]:
+        """Run the LSTM layers time-major over a window of tokens.
+
+        Args:
+          tokens: `<int32>[batch, time]` token ids.
+          carry: the state of every layer at the start of the window.
+
+        Returns:
+          The top layer's `<float32>[time, batch, hidden]` hidden states and
+          the carry at the end.
+        """
+        x = self.embed(tokens.T)  # [T, B, E]
+        new_carry = []
+        for cell, state in zip(self.cells, carry, strict=True):
+            # Layer by layer: each input projection is one matrix product
+            # over every step of the window.
+            state, x = cell.run(state, cell.project(x))  # [T, B, H]
+            new_carry.append(state)
+        return x, tuple(new_carry)
+
+    def loss(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array,
+        weights: jax.Array,
+        carry: Carry,
+    ) -> tuple[tuple[jax.Array, jax.Array], Carry]:
+        """Sum the weighted next-token cross-entropy of a window.
+
+        Args:
+          tokens: `<int32>[batch, time]` inputs.
+          targets: `<int32>[batch, time]` next-token ids.
+          weights: `<float32>[batch, time]`, 1 for scored tokens, 0 for
+            padding.
+          carry: the state of every layer at the start of the window.
+
+        Returns:
+          The summed loss in nats and the summed weights, and the carry at
+          the end of the window.
+        """
+        if not self.fused:
+            logits, new_carry = self(tokens, carry)
+            return sequence_loss(logits, targets, weights), new_carry
+        hs, new_carry = self.hidden_states(tokens, carry)
+        output = self.output.variables["params"]
+        total = linear_cross_entropy(
+            hs.reshape(-1, self.hidden),
+            output["kernel"],
+            output["bias"],
+            targets.T.reshape(-1),
+            weights.T.reshape(-1),
+        )
+        return (total, jnp.sum(weights)), new_carry
 
     @nn.nowrap
     def initial_carry(self, batch_size: int) -> Carry:
         """Return the all-zero state of every layer for `batch_size` rows."""
-        zeros = jnp.zeros((batch_size, self.hidden), jnp.float32)
-        return tuple(LSTMState(zeros, zeros) for _ in range(self.layers))
+
+        # A separate buffer for each array, so that a step may donate them.
+        def zeros():
+            return jnp.zeros((batch_size, self.hidden), jnp.float32)
+
+        return tuple(LSTMState(zeros(), zeros()) for _ in range(self.layers))
 
 
-def build_model(config: ModelConfig, vocab_size: int) -> LanguageModel:
+def build_model(
+    config: ModelConfig, vocab_size: int, fused: bool = True
+) -> LanguageModel:
     """Create the model that `config` describes for a vocabulary size."""
     return LanguageModel(
         vocab_size=vocab_size,
         embedding=config.embedding,
         hidden=config.hidden,
         layers=config.layers,
+        fused=fused,
     )
 
 

@@ -69,7 +69,9 @@ def choose_tokens(
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_steps"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "num_steps", "greedy", "unroll")
+)
 def generate_ids(
     model: LanguageModel,
     params: dict,
@@ -79,6 +81,8 @@ def generate_ids(
     temperature: jax.Array,
     top_k: jax.Array,
     num_steps: int,
+    greedy: bool = False,
+    unroll: int = 1,
 ) -> jax.Array:
     """Continue each prime with `num_steps` tokens.
 
@@ -91,6 +95,10 @@ def generate_ids(
       temperature: scalar, 0 for greedy.
       top_k: scalar int, 0 for no restriction.
       num_steps: tokens to generate (static).
+      greedy: (static) always take the most likely token, ignoring
+        `temperature`, `top_k` and `key`; this skips the sort and the
+        sampling that each step would otherwise compute.
+      unroll: (static) steps per loop iteration of the generation loop.
 
     Returns:
       `<int32>[batch, num_steps]` generated token ids.
@@ -98,8 +106,7 @@ def generate_ids(
     batch = prime_ids.shape[0]
 
     def step(carry: Carry, tokens: jax.Array):
-        logits, carry = model.apply({"params": params}, tokens[:, None], carry)
-        return logits[:, 0], carry  # [B, V]
+        return model.apply({"params": params}, tokens, carry, method="step")
 
     def feed_prime(loop, t):
         carry, last_logits = loop
@@ -121,12 +128,16 @@ def generate_ids(
 
     def feed_back(loop, step_key):
         carry, logits = loop
-        tokens = choose_tokens(logits, step_key, temperature, top_k)
+        if greedy:
+            # The unknown token (id 0) is never chosen.
+            tokens = jnp.argmax(logits[:, 1:], axis=-1).astype(jnp.int32) + 1
+        else:
+            tokens = choose_tokens(logits, step_key, temperature, top_k)
         logits, carry = step(carry, tokens)
         return (carry, logits), tokens
 
     keys = jax.random.split(key, num_steps)
-    _, tokens = jax.lax.scan(feed_back, (carry, logits), keys)
+    _, tokens = jax.lax.scan(feed_back, (carry, logits), keys, unroll=unroll)
     return tokens.T  # [B, num_steps]
 
 
@@ -215,6 +226,7 @@ def generate_text(
         jnp.float32(settings.temperature),
         jnp.int32(settings.top_k),
         num_steps=bucket(num),
+        greedy=settings.temperature == 0,
     )
     tokens = np.asarray(tokens)[:, :num]
     sep = " " if vocab.level == "word" else ""

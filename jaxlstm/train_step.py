@@ -50,23 +50,6 @@ def create_train_state(
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def sequence_loss(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Sum the weighted token cross-entropy of a window.
-
-    Args:
-      logits: `<float32>[batch, time, vocab]`.
-      targets: `<int32>[batch, time]` next-token ids.
-      weights: `<float32>[batch, time]`, 1 for scored tokens, 0 for padding.
-
-    Returns:
-      The summed loss in nats and the summed weights, both scalars.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(losses * weights), jnp.sum(weights)
-
-
 def _train_step(
     state: TrainState,
     batch: Batch,
@@ -74,10 +57,9 @@ def _train_step(
     axis_name: str | None = None,
 ) -> tuple[TrainState, Carry, dict[str, Any]]:
     def loss_fn(params):
-        logits, new_carry = state.apply_fn(
-            {"params": params}, batch.inputs, carry
+        (total, count), new_carry = state.apply_fn(
+            {"params": params}, *batch, carry, method="loss"
         )
-        total, count = sequence_loss(logits, batch.targets, batch.weights)
         return total / count, new_carry
 
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -99,10 +81,9 @@ def _eval_step(
     carry: Carry,
     axis_name: str | None = None,
 ) -> tuple[Carry, dict[str, Any]]:
-    logits, new_carry = state.apply_fn(
-        {"params": state.params}, batch.inputs, carry
+    (total, count), new_carry = state.apply_fn(
+        {"params": state.params}, *batch, carry, method="loss"
     )
-    total, count = sequence_loss(logits, batch.targets, batch.weights)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
         count = jax.lax.psum(count, axis_name)

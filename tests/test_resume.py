@@ -354,3 +354,29 @@ def test_epochs_on_resume_replace_steps(straight, shakespeare, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] is None
     assert load_run(run).step > TOTAL  # one epoch is hundreds of steps
+
+
+def test_training_compiles_each_step_once(shakespeare, tmp_path):
+    # A hidden size no other test uses, so every step compiles afresh here.
+    compiles = {}
+
+    def record(event, duration, **kwargs):
+        del duration
+        if event == "/jax/core/compile/backend_compile_duration":
+            name = str(kwargs.get("fun_name"))
+            compiles[name] = compiles.get(name, 0) + 1
+
+    argv = train_argv(
+        shakespeare, tmp_path / "run", "--steps", "10", "--eval-every", "3",
+        "--hidden", "20",
+    )  # fmt: skip
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        assert main(argv) == 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    # Evaluations and samples at steps 3, 6, 9 and 10 reuse their first
+    # compile, and so do the nine training steps after the first.
+    assert compiles.get("jit(train_step)") == 1
+    assert compiles.get("jit(eval_step)") == 1
+    assert compiles.get("jit(generate_ids)") == 1

@@ -8,12 +8,11 @@ import pytest
 
 from jaxlstm.config import TrainConfig
 from jaxlstm.data import Batch
-from jaxlstm.model import LanguageModel
+from jaxlstm.model import LanguageModel, sequence_loss
 from jaxlstm.train_step import (
     create_train_state,
     eval_step,
     make_optimizer,
-    sequence_loss,
     train_step,
 )
 
