@@ -247,12 +247,23 @@ class LanguageModel(nn.Module):
           The top layer's `<float32>[time, batch, hidden]` hidden states and
           the carry at the end.
         """
-        x = self.embed(tokens.T)  # [T, B, E]
-        new_carry = []
+        first = self.cells[0]
+        if self.vocab_size < tokens.size:
+            # Fewer words than tokens in the window: project every word's
+            # embedding once and look the rows up. For characters this
+            # replaces three products over all B * T tokens with three over
+            # the vocabulary and a gather.
+            table = first.project(self.embed.embedding)  # [V, 4H]
+            projected = jnp.take(table, tokens.T, axis=0)  # [T, B, 4H]
+        else:
+            projected = first.project(self.embed(tokens.T))  # [T, B, 4H]
+        new_carry, x = [], None
         for cell, state in zip(self.cells, carry, strict=True):
             # Layer by layer: each input projection is one matrix product
             # over every step of the window.
-            state, x = cell.run(state, cell.project(x))  # [T, B, H]
+            if x is not None:
+                projected = cell.project(x)  # [T, B, 4H]
+            state, x = cell.run(state, projected)  # [T, B, H]
             new_carry.append(state)
         return x, tuple(new_carry)
 
