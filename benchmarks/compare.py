@@ -117,9 +117,12 @@ def find_participants(args: argparse.Namespace) -> list[Participant]:
 class Runner:
     """Run benchmark processes and collect their JSON result lines."""
 
-    def __init__(self, out: Path, peers_dir: Path, quick: bool):
+    def __init__(
+        self, out: Path, peers_dir: Path, quick: bool, cpu_devices: int = 1
+    ):
         self.peers_dir = peers_dir
         self.quick = quick
+        self.cpu_devices = cpu_devices
         self.results = out / "results.jsonl"
         self.log_path = out / "log.txt"
         self.results.write_text("")
@@ -211,6 +214,8 @@ class Runner:
                 str(rep),
                 "--json",
                 str(json_path),
+                "--cpu-devices",
+                str(self.cpu_devices),
                 *quick,
             ]
             stdout = self._run(label, command, rep)
@@ -323,22 +328,27 @@ def per_rep_ratios(
     return train, gen
 
 
-def summary_rows(rows: list[dict], config: str, peak: float | None):
-    """Yield one table row of cells per participant measured on `config`."""
+def summary_rows(
+    rows: list[dict], config: str, peak: float | None, ours_name: str
+):
+    """Yield one table row of cells per participant measured on `config`.
+
+    `ours_name` is the `peer` field of jaxlstm's result lines.
+    """
     by_peer = defaultdict(dict)  # peer -> rep -> result line
     for row in rows:
         if row.get("config") == config and row.get("peer") != "peak":
             by_peer[row["peer"]][row["rep"]] = row
-    order = ["jaxlstm", "flax_naive", "torch", "keras"]
+    order = [ours_name, "flax_naive", "torch", "keras"]
     peers = sorted(
         by_peer, key=lambda p: (order.index(p) if p in order else 9, p)
     )
     for peer in peers:
         reps = by_peer[peer]
-        if peer == "jaxlstm":
+        if peer == ours_name:
             train_ratios = gen_ratios = [1.0]  # shown as "1.00", no range
         else:
-            ours = by_peer.get("jaxlstm", {})
+            ours = by_peer.get(ours_name, {})
             train_ratios, gen_ratios = per_rep_ratios(ours, reps)
 
         tok_s = [
@@ -363,8 +373,10 @@ def summary_rows(rows: list[dict], config: str, peak: float | None):
         ]
 
 
-def print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict], cpu_devices: int) -> None:
     """Print jaxlstm against every peer, per config, as a Markdown table."""
+    # The names benchmarks/speed.py gives its result lines.
+    ours_name = "jaxlstm" if cpu_devices == 1 else f"jaxlstm_{cpu_devices}cpu"
     peak = matmul_peak(rows)
     reps = sorted({row["rep"] for row in rows})
     print()
@@ -392,7 +404,7 @@ def print_summary(rows: list[dict]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for config in CONFIGS:
-        for cells in summary_rows(rows, config, peak):
+        for cells in summary_rows(rows, config, peak, ours_name):
             print("| " + " | ".join(cells) + " |")
 
     print()
@@ -450,6 +462,14 @@ def parse_args() -> argparse.Namespace:
     )
 
     parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train jaxlstm on N fake CPU devices with pmap "
+        "(benchmarks/speed.py --cpu-devices; default 1)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="pass --quick to every script, for a smoke test",
@@ -491,7 +511,7 @@ def main() -> None:
         f"participants: {names}; configs: {', '.join(configs)}; "
         f"repetitions: {args.reps}; results: {out / 'results.jsonl'}"
     )
-    runner = Runner(out, peers_dir, args.quick)
+    runner = Runner(out, peers_dir, args.quick, args.cpu_devices)
     run_repetitions(runner, participants, configs, args.reps)
 
     rows = read_results(runner.results)
@@ -505,7 +525,7 @@ def main() -> None:
     )
     if report.returncode != 0:
         log(f"report.py failed with exit status {report.returncode}")
-    print_summary(rows)
+    print_summary(rows, args.cpu_devices)
     log(f"results: {runner.results}; log: {runner.log_path}")
     if runner.failures:
         log(f"{runner.failures} process(es) failed; see {runner.log_path}")

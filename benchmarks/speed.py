@@ -27,6 +27,11 @@ peak resident memory belong to that run alone. It reports:
   1 when no step compiled the function again. Where jax lacks that private
   method, the count comes from `jax.monitoring` compile events instead, and
   `train_compiles_source` names the source used.
+- With `--cpu-devices N`, training runs data-parallel with `pmap` on N
+  fake CPU devices, the way `jaxlstm train` does when
+  `XLA_FLAGS=--xla_force_host_platform_device_count=N` is set. Lowering and
+  compilation are then not timed apart, `train_compiles` is not counted,
+  and the result lines have `peer` "jaxlstm_Ncpu".
 - `gen_scan_tok_s`: greedy generation of 200 tokens after a 3-token prime
   with `jaxlstm.sampling.generate_ids`, at batch 1. `gen_scan_first_s` is
   its first call, compilation included. The same at batch 16 and 100 gives
@@ -188,22 +193,23 @@ def _random_tokens(rng, shape: tuple[int, ...], vocab: int):
     return rng.integers(1, vocab, shape, dtype=np.int32)
 
 
-def _time_first_step(state, batch, carry) -> tuple[Any, Any, float, float]:
+def _time_first_step(
+    train_step, state, batch, carry
+) -> tuple[Any, Any, float, float]:
     """Time the first, cold call of `train_step` until its result is ready.
 
     Returns:
       The new state and carry, the seconds, and the step's loss.
     """
     import jax
-
-    from jaxlstm.train_step import train_step
+    import numpy as np
 
     started = time.perf_counter()
     state, carry, metrics = jax.block_until_ready(
         train_step(state, batch, carry)
     )
     seconds = time.perf_counter() - started
-    return state, carry, seconds, float(metrics["loss"])
+    return state, carry, seconds, float(np.ravel(metrics["loss"])[0])
 
 
 def _time_compile(state, batch, carry) -> tuple[float, float]:
@@ -227,7 +233,9 @@ def _time_compile(state, batch, carry) -> tuple[float, float]:
     return lowered_at - started, compiled_at - lowered_at
 
 
-def _time_training(state, batches, carry, schedule: Schedule) -> dict:
+def _time_training(
+    train_step, state, batches, carry, schedule: Schedule
+) -> dict:
     """Run the warm-up steps and the timed windows of training steps.
 
     Nothing is read back to the host inside a window, so steps are
@@ -239,8 +247,7 @@ def _time_training(state, batches, carry, schedule: Schedule) -> dict:
       final `state`.
     """
     import jax
-
-    from jaxlstm.train_step import train_step
+    import numpy as np
 
     index = 0
     metrics = None
@@ -267,7 +274,7 @@ def _time_training(state, batches, carry, schedule: Schedule) -> dict:
         "train_tok_s": statistics.median(rates),
         "train_tok_s_windows": rates,
         "step_ms": statistics.median(step_ms),
-        "loss_last": float(metrics["loss"]) if metrics else None,
+        "loss_last": (float(np.ravel(metrics["loss"])[0]) if metrics else None),
         "state": state,
     }
 
@@ -397,7 +404,9 @@ def _measure_generation(
     return result
 
 
-def measure(name: str, fused: bool, schedule: Schedule) -> dict:
+def measure(
+    name: str, fused: bool, schedule: Schedule, devices: int = 1
+) -> dict:
     """Measure one preset in this process, as a worker subprocess does.
 
     Returns:
@@ -414,23 +423,41 @@ def measure(name: str, fused: bool, schedule: Schedule) -> dict:
 
     label = f"[{name}{'' if fused else ' reference'}]"
     model, state, carry, batches = _build_inputs(PRESETS[name], fused)
+    step_fn = train_step
+    if devices > 1:
+        # The jaxlstm train path on several devices: pmap over the rows.
+        from jaxlstm.train_step import Placement
+
+        placement = Placement(jax.devices()[:devices], BATCH)
+        state = placement.replicate(state)
+        carry = placement.shard(carry)
+        batches = [placement.shard(batch) for batch in batches]
+        step_fn = placement.train_step
     state, carry, first_step_s, loss_first = _time_first_step(
-        state, batches[0], carry
+        step_fn, state, batches[0], carry
     )
     log(f"{label} first step {first_step_s:.2f} s, loss {loss_first:.3f}")
 
     compiles_before_lower = compiles.of_function("train_step")
-    lower_s, compile_s = _time_compile(state, batches[1], carry)
-    log(f"{label} lower {lower_s:.2f} s, compile {compile_s:.2f} s")
+    if devices == 1:
+        lower_s, compile_s = _time_compile(state, batches[1], carry)
+        log(f"{label} lower {lower_s:.2f} s, compile {compile_s:.2f} s")
+    else:
+        lower_s = compile_s = None  # pmap is not timed ahead of time
 
     compiles_before_training = compiles.count
-    training = _time_training(state, batches[1:], carry, schedule)
+    training = _time_training(step_fn, state, batches[1:], carry, schedule)
     state = training.pop("state")
+    if devices > 1:
+        state = placement.unreplicate(state)
     log(
         f"{label} train {training['train_tok_s']:,.0f} tok/s "
         f"({training['step_ms']:.1f} ms/step)"
     )
-    if hasattr(train_step, "_cache_size"):
+    if devices > 1:
+        train_compiles = None
+        source = "not counted under pmap"
+    elif hasattr(train_step, "_cache_size"):
         train_compiles = train_step._cache_size()
         source = "train_step._cache_size()"
     else:
@@ -441,6 +468,7 @@ def measure(name: str, fused: bool, schedule: Schedule) -> dict:
         source = "jax.monitoring backend compile events"
 
     result = {
+        "devices": devices,
         "first_step_s": first_step_s,
         "lower_s": lower_s,
         "compile_s": compile_s,
@@ -502,16 +530,21 @@ class Run(NamedTuple):
 
     preset: str
     fused: bool
+    devices: int = 1
 
     @property
     def peer(self) -> str:
         """The `peer` field of the run's result line."""
-        return "jaxlstm" if self.fused else "jaxlstm_reference"
+        name = "jaxlstm" if self.fused else "jaxlstm_reference"
+        return name if self.devices == 1 else f"{name}_{self.devices}cpu"
 
     @property
     def title(self) -> str:
         """The run's column heading."""
-        return self.preset if self.fused else f"{self.preset} reference"
+        title = self.preset if self.fused else f"{self.preset} reference"
+        if self.devices > 1:
+            title += f", {self.devices} CPU devices"
+        return title
 
 
 def run_worker(run: Run, quick: bool, chunk_rows: int | None) -> dict | None:
@@ -528,8 +561,14 @@ def run_worker(run: Run, quick: bool, chunk_rows: int | None) -> dict | None:
         command.append("--quick")
     if chunk_rows is not None:
         command += ["--chunk-rows", str(chunk_rows)]
+    env = dict(os.environ)
+    if run.devices > 1:
+        # Split the host into fake CPU devices before JAX starts.
+        command += ["--cpu-devices", str(run.devices)]
+        flag = f"--xla_force_host_platform_device_count={run.devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     completed = subprocess.run(
-        command, stdout=subprocess.PIPE, text=True, check=False
+        command, stdout=subprocess.PIPE, text=True, check=False, env=env
     )
     lines = completed.stdout.strip().splitlines()
     if completed.returncode != 0 or not lines:
@@ -604,9 +643,9 @@ ROWS = [
         "first step s (trace + compile + run)",
         lambda r: f"{r['first_step_s']:.2f}",
     ),
-    ("lower s", lambda r: f"{r['lower_s']:.2f}"),
-    ("compile s", lambda r: f"{r['compile_s']:.2f}"),
-    ("train_step compilations", lambda r: str(r["train_compiles"])),
+    ("lower s", lambda r: _format(r["lower_s"], 2)),
+    ("compile s", lambda r: _format(r["compile_s"], 2)),
+    ("train_step compilations", lambda r: _format(r["train_compiles"])),
     ("gen batch 1 tok/s", lambda r: _format(r["gen_scan_tok_s"])),
     ("gen batch 1 first call s", lambda r: f"{r['gen_scan_first_s']:.2f}"),
     ("gen batch 16 tok/s", lambda r: _format(r.get("gen_batch16_tok_s"))),
@@ -640,7 +679,7 @@ def print_table(runs: list[Run], results: list[dict]) -> None:
     # With --reference, compare the two paths of each preset.
     by_run = dict(zip(runs, results, strict=True))
     for run, result in by_run.items():
-        reference = by_run.get(Run(run.preset, fused=False))
+        reference = by_run.get(Run(run.preset, False, run.devices))
         if run.fused and reference:
             speedup = result["train_tok_s"] / reference["train_tok_s"]
             print(
@@ -710,6 +749,15 @@ def parse_args() -> argparse.Namespace:
         help="rows per block of the fused output layer and loss "
         "(jaxlstm.fused.CHUNK_ROWS; default: the package's value)",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N fake CPU devices with pmap, as "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N jaxlstm train "
+        "does (default 1)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -722,14 +770,18 @@ def main() -> None:
 
         if args.chunk_rows is not None:
             jaxlstm.fused.CHUNK_ROWS = args.chunk_rows
-        result = measure(args.worker, not args.reference, schedule)
+        result = measure(
+            args.worker, not args.reference, schedule, args.cpu_devices
+        )
         result["chunk_rows"] = jaxlstm.fused.CHUNK_ROWS
         print(json.dumps(result), flush=True)
         return
 
     names = ["word", "char"] if args.preset == "all" else [args.preset]
     paths = [True, False] if args.reference else [True]
-    runs = [Run(name, fused) for name in names for fused in paths]
+    runs = [
+        Run(name, fused, args.cpu_devices) for name in names for fused in paths
+    ]
     machine = {
         **versions(),
         "cpu_model": cpu_model(),

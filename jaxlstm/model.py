@@ -97,6 +97,11 @@ class LSTMCell(nn.Module):
     ) -> tuple[LSTMState, jax.Array]:
         """Advance one step from projected inputs `<float32>[batch, 4H]`.
 
+        NOTE: only the reference model (`fused=False`) calls this. The
+        fused model computes the same step in `jaxlstm.fused`, so a change
+        here needs the same change there; `tests/test_fused.py` compares
+        the two.
+
         Returns:
           The new state and the new hidden state `<float32>[batch, hidden]`.
         """
