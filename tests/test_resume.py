@@ -292,7 +292,7 @@ def test_failed_overwrite_restores_run(straight, shakespeare, tmp_path, capsys):
     shutil.copytree(straight, run)
     before = (run / "metrics.jsonl").read_text()
     argv = train_argv(shakespeare, run, "--steps", "20", "--overwrite")
-    assert main([*argv, "--lr", "1e30"]) == 1
+    assert main([*argv, "--lr", "1e38"]) == 1  # the loss becomes NaN
     assert "became nan" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
     assert load_run(run).step == TOTAL
