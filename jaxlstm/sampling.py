@@ -39,6 +39,17 @@ class SampleSettings(NamedTuple):
     seed: int = 0
 
 
+def most_likely_tokens(logits: jax.Array) -> jax.Array:
+    """Return the argmax of each row of `<float32>[batch, vocab]` logits.
+
+    The unknown token (id 0) is never chosen.
+
+    Returns:
+      `<int32>[batch]` token ids.
+    """
+    return jnp.argmax(logits[:, 1:], axis=-1).astype(jnp.int32) + 1
+
+
 def choose_tokens(
     logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array
 ) -> jax.Array:
@@ -51,8 +62,8 @@ def choose_tokens(
     Returns:
       `<int32>[batch]` token ids.
     """
+    greedy = most_likely_tokens(logits)
     logits = logits.at[:, 0].set(-jnp.inf)
-    greedy = jnp.argmax(logits, axis=-1)
     vocab = logits.shape[-1]
     k = jnp.clip(top_k, 1, vocab - 1)
     kth = jnp.sort(logits, axis=-1)[:, vocab - k]  # [B]
@@ -69,9 +80,7 @@ def choose_tokens(
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "num_steps", "greedy", "unroll")
-)
+@functools.partial(jax.jit, static_argnames=("model", "num_steps", "greedy"))
 def generate_ids(
     model: LanguageModel,
     params: dict,
@@ -82,7 +91,6 @@ def generate_ids(
     top_k: jax.Array,
     num_steps: int,
     greedy: bool = False,
-    unroll: int = 1,
 ) -> jax.Array:
     """Continue each prime with `num_steps` tokens.
 
@@ -95,10 +103,9 @@ def generate_ids(
       temperature: scalar, 0 for greedy.
       top_k: scalar int, 0 for no restriction.
       num_steps: tokens to generate (static).
-      greedy: (static) always take the most likely token, ignoring
-        `temperature`, `top_k` and `key`; this skips the sort and the
+      greedy: (static) always take the most likely token and ignore
+        `temperature`, `top_k` and `key`. This skips the sort and the
         sampling that each step would otherwise compute.
-      unroll: (static) steps per loop iteration of the generation loop.
 
     Returns:
       `<int32>[batch, num_steps]` generated token ids.
@@ -129,15 +136,14 @@ def generate_ids(
     def feed_back(loop, step_key):
         carry, logits = loop
         if greedy:
-            # The unknown token (id 0) is never chosen.
-            tokens = jnp.argmax(logits[:, 1:], axis=-1).astype(jnp.int32) + 1
+            tokens = most_likely_tokens(logits)
         else:
             tokens = choose_tokens(logits, step_key, temperature, top_k)
         logits, carry = step(carry, tokens)
         return (carry, logits), tokens
 
     keys = jax.random.split(key, num_steps)
-    _, tokens = jax.lax.scan(feed_back, (carry, logits), keys, unroll=unroll)
+    _, tokens = jax.lax.scan(feed_back, (carry, logits), keys)
     return tokens.T  # [B, num_steps]
 
 
