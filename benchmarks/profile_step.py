@@ -5,15 +5,19 @@
 
 Each part is jitted on its own and timed like the whole step: one call to
 compile, then the median of `--reps` calls, each waited for with
-`jax.block_until_ready`. The parts are the output layer with its loss
-(forward and backward, `jaxlstm.fused.linear_cross_entropy`), each LSTM
-layer's recurrence (forward, and forward and backward,
-`jaxlstm.fused.lstm_recurrence`), each layer's input projection (forward and
-backward; for the char model's first layer, a lookup in the projected
-vocabulary), and the gradient clipping and Adam update. A part run alone pays
-its own dispatch and misses the overlap of a whole step, so the parts add up
-only roughly to the step. The table shows where the time goes, not an exact
-split. Sizes are those of `benchmarks/speed.py`.
+`jax.block_until_ready`. The parts are:
+
+- the output layer with its loss, forward and backward
+  (`jaxlstm.fused.linear_cross_entropy`);
+- each LSTM layer's recurrence, forward alone and forward and backward
+  (`jaxlstm.fused.lstm_recurrence`);
+- each layer's input projection, forward and backward; for the char
+  model's first layer, a lookup in the projected vocabulary instead;
+- the gradient clipping and the Adam update.
+
+A part run alone pays its own dispatch and misses the overlap of a whole
+step, so the parts add up only roughly to the step. The table shows where
+the time goes, not an exact split. Sizes are those of `benchmarks/speed.py`.
 """
 
 import argparse

@@ -36,10 +36,10 @@ def _gate_affine(hidden: int) -> tuple[jax.Array, jax.Array]:
     That is one elementwise pass over `[batch, 4 * hidden]` instead of
     four over its quarters.
     """
-    half, one = jnp.full(hidden, 0.5), jnp.ones(hidden)
-    zero = jnp.zeros(hidden)
-    scale = jnp.concatenate([half, half, one, half])
-    shift = jnp.concatenate([half, half, zero, half])
+    halves, ones = jnp.full(hidden, 0.5), jnp.ones(hidden)
+    zeros = jnp.zeros(hidden)
+    scale = jnp.concatenate([halves, halves, ones, halves])
+    shift = jnp.concatenate([halves, halves, zeros, halves])
     return scale, shift
 
 

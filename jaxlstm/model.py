@@ -99,7 +99,7 @@ class LSTMCell(nn.Module):
 
         NOTE: only the reference model (`fused=False`) calls this. The
         fused model computes the same step in `jaxlstm.fused`, so a change
-        here needs the same change there; `tests/test_fused.py` compares
+        here needs the same change there. `tests/test_fused.py` compares
         the two.
 
         Returns:
@@ -123,7 +123,7 @@ class LSTMCell(nn.Module):
         """Advance one step like `__call__`, with one matrix product.
 
         The input and recurrent kernels are stacked so that `[x, h]` meets
-        both in one product, which is faster for the few rows of generation.
+        both in one product instead of two, for the few rows of generation.
         """
         kernel = jnp.concatenate([self.input_kernel, self.recurrent_kernel])
         z = jnp.concatenate([inputs, state.h], axis=-1) @ kernel + self.bias
@@ -310,7 +310,8 @@ class LanguageModel(nn.Module):
     def initial_carry(self, batch_size: int) -> Carry:
         """Return the all-zero state of every layer for `batch_size` rows."""
 
-        # A separate buffer for each array, so that a step may donate them.
+        # A separate buffer for each array, because donating the carry to a
+        # step would need them distinct. No step donates it yet.
         def zeros():
             return jnp.zeros((batch_size, self.hidden), jnp.float32)
 
